@@ -1,0 +1,94 @@
+"""Storage URIs through fsspec (gs://, https://, local paths) and atomic local writes (temp path, then rename).
+
+Credentials for gs:// follow Google's order (see README "Publishing to GCS"): `GOOGLE_APPLICATION_CREDENTIALS` (a service
+account JSON), then Application Default Credentials (gcloud / metadata server); `STORAGE_EMULATOR_HOST` switches to an
+emulator with anonymous access.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+# gcsfs probes the experimental hierarchical-namespace API on every call; an emulator does not answer it and each call then
+# hangs ~60 s. This must be set before gcsfs is first imported, so it lives at import time of the module that imports it.
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+from fsspec.core import url_to_fs  # noqa: E402
+
+CHUNK = 8 * 1024 * 1024
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options for a URI: anonymous access against an emulator, the default credential chain otherwise."""
+    if uri.startswith(("gs://", "gcs://")):
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            return {"token": "anon"}
+        if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            return {"token": os.environ["GOOGLE_APPLICATION_CREDENTIALS"]}
+        return {"token": "google_default"}
+    return {}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any fsspec URI or local path."""
+    uri = str(uri)
+    fs, path = url_to_fs(uri, **storage_options(uri))
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in str(uri) or str(uri).startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `dest`; on success rename it onto `dest` (file or folder), on error remove it.
+
+    Readers never see a half-written file or folder. A folder `dest` that already exists is replaced whole.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    target = tmp / dest.name
+    try:
+        yield target
+        if dest.is_dir() and not dest.is_symlink():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            target.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
+    """Deterministic JSON (sorted keys, 2-space indent, trailing newline) written atomically."""
+    write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
