@@ -1,0 +1,173 @@
+"""`textmill base <model>`: make models/base/<model>/ in OpenAI's release layout, fetched and checked or made from scratch.
+
+The folder holds `checkpoint`, `hparams.json`, `encoder.json`, `vocab.bpe`, `model.ckpt.index` and
+`model.ckpt.data-00000-of-00001`, exactly the files of OpenAI's GPT-2 releases, so gpt-2-simple, the converter and the
+trainer read it the same way whichever way it was made. It is assembled in a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from fsspec.callbacks import TqdmCallback
+from tqdm import tqdm
+
+from pipelines.clean_io import iter_docs
+from textmill import config as config_mod
+from textmill import sizes, storage, tokenizer, weights
+from textmill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CKPT = "model.ckpt"
+CKPT_FILES = (f"{CKPT}.index", f"{CKPT}.data-00000-of-00001")
+FILES = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe", *CKPT_FILES)
+
+
+def write_hparams(hp: sizes.Hparams, folder: Path) -> None:
+    # OpenAI's key order (n_vocab, n_ctx, n_embd, n_head, n_layer), as their release and gpt-2-simple write it.
+    (folder / "hparams.json").write_text(json.dumps(hp.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def read_hparams(path: Path) -> sizes.Hparams:
+    try:
+        return sizes.Hparams.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad GPT-2 hparams ({e}); expected n_vocab, n_ctx, n_embd, n_head, n_layer") from None
+
+
+def corpus_texts(cfg: config_mod.Config, model: str) -> Iterator[str]:
+    """The text of every clean document of the model's corpora, streamed in corpus then file order."""
+    for corpus in cfg.model_spec(model).corpora:
+        for doc in tqdm(iter_docs(Path(cfg.paths.clean) / corpus), desc=f"bpe: {corpus}", unit="doc", leave=False):
+            yield doc["text"]
+
+
+def scratch(cfg: config_mod.Config, model: str, folder: Path, *, show_progress: bool = True) -> sizes.Hparams:
+    """Train a byte-level BPE on the model's corpora and write fresh OpenAI-init weights sized by `model.size`."""
+    from training.tf import checkpoint  # TF costs seconds to import: only the paths that write checkpoints pay it
+
+    tok = tokenizer.train_bpe(corpus_texts(cfg, model), cfg.model.vocab_size, show_progress=show_progress)
+    n_vocab = tokenizer.vocab_size(tok)
+    if n_vocab < cfg.model.vocab_size:
+        log.warning("BPE reached only %d of model.vocab_size=%d tokens: the corpora are small; using %d",
+                    n_vocab, cfg.model.vocab_size, n_vocab)
+    hp = sizes.from_name(cfg.model.size, n_ctx=cfg.model.n_ctx, n_vocab=n_vocab)
+    folder.mkdir(parents=True)
+    tokenizer.save_openai(tok, folder)
+    write_hparams(hp, folder)
+    checkpoint.save(dict(weights.init_numpy(hp, cfg.base.seed)), folder / CKPT)
+    checkpoint.write_checkpoint_file(folder, CKPT, [CKPT])
+    log.info("base %s: scratch %s (%s parameters), vocab %d, seed %d", model, cfg.model.size, f"{hp.n_params:,}",
+             n_vocab, cfg.base.seed)
+    return hp
+
+
+def _download(fs, remote: str, local: Path, uri: str) -> None:
+    try:
+        with TqdmCallback(tqdm_kwargs={"desc": f"fetch {local.name}", "unit": "B", "unit_scale": True,
+                                       "leave": False}) as cb:
+            fs.get_file(remote, str(local), callback=cb)
+    except FileNotFoundError:
+        raise UserError(f"{storage.join(uri, local.name)}: not found; an OpenAI-layout folder has {', '.join(FILES)} "
+                        f"(check base.uri)") from None
+
+
+def _source_prefix(fs, root: str, uri: str, folder: Path) -> str:
+    """Name of the checkpoint to fetch: from the source's `checkpoint` file (OpenAI: model.ckpt; gpt-2-simple: model-N)."""
+    from training.tf import checkpoint
+
+    if not fs.exists(storage.join(root, "checkpoint")):
+        return CKPT  # a bare release copy without its state file: OpenAI's name
+    _download(fs, storage.join(root, "checkpoint"), folder / "checkpoint", uri)
+    latest, _ = checkpoint.read_checkpoint_file(folder)
+    return Path(latest).name  # an absolute path written on another machine means nothing here; the file sits beside it
+
+
+def fetch(cfg: config_mod.Config, uri: str, folder: Path) -> sizes.Hparams:
+    """Copy an OpenAI-layout folder from any fsspec URI into `folder` (normalised to model.ckpt), then check it."""
+    from training.tf import checkpoint
+
+    fs, root = storage.filesystem(uri)
+    folder.mkdir(parents=True)
+    src = _source_prefix(fs, root, uri, folder)
+    for name in ("hparams.json", "encoder.json", "vocab.bpe"):
+        _download(fs, storage.join(root, name), folder / name, uri)
+    for suffix in (".index", ".data-00000-of-00001"):
+        _download(fs, storage.join(root, src + suffix), folder / (CKPT + suffix), uri)
+    checkpoint.write_checkpoint_file(folder, CKPT, [CKPT])
+    hp = check(cfg, folder, source=uri)
+    log.info("base: fetched %s (%s parameters) from %s", cfg.model.size, f"{hp.n_params:,}", uri)
+    return hp
+
+
+def check(cfg: config_mod.Config, folder: Path, *, source: str) -> sizes.Hparams:
+    """Every file present; tokenizer size == n_vocab; size matches model.size; every variable's name, shape and bytes."""
+    missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"{source}: missing {missing}; an OpenAI-layout folder has {', '.join(FILES)}")
+    hp = read_hparams(folder / "hparams.json")
+    tok = tokenizer.load(folder)
+    if tokenizer.vocab_size(tok) != hp.n_vocab:
+        raise UserError(f"{source}: encoder.json has {tokenizer.vocab_size(tok)} tokens but hparams.json n_vocab="
+                        f"{hp.n_vocab}; the tokenizer files belong to another model")
+    want = sizes.from_name(cfg.model.size, n_vocab=hp.n_vocab, n_ctx=hp.n_ctx)
+    if want != hp:
+        raise UserError(f"{source}/hparams.json: {hp.to_json()} is not model.size={cfg.model.size} "
+                        f"({want.to_json()}); set model=<matching preset> or point base.uri at a {cfg.model.size} model")
+    if cfg.model.n_ctx is not None and cfg.model.n_ctx > hp.n_ctx:
+        raise UserError(f"model.n_ctx={cfg.model.n_ctx} exceeds the fetched model's n_ctx={hp.n_ctx} "
+                        f"(its position table has {hp.n_ctx} rows); lower model.n_ctx")
+    _check_variables(folder / CKPT, hp, source)
+    return hp
+
+
+def _check_variables(prefix: Path, hp: sizes.Hparams, source: str) -> None:
+    from training.tf import checkpoint
+
+    have = checkpoint.list_variables(prefix)
+    expected = weights.openai_shapes(hp)
+    absent = [n for n in expected if n not in have]
+    if absent:
+        raise UserError(f"{source}/{CKPT}: variable {absent[0]!r} missing ({len(absent)} of {len(expected)} model "
+                        f"variables absent); this is not a GPT-2 checkpoint of hparams {hp.to_json()}")
+    for name, shape in expected.items():
+        if have[name] != shape:
+            raise UserError(f"{source}/{CKPT}: variable {name!r} has shape {list(have[name])}, expected {list(shape)} "
+                            f"for hparams {hp.to_json()}; hparams.json does not match the checkpoint")
+    # Reading every tensor checks each one's CRC32C in the index: a truncated or corrupted download fails here, not
+    # hours later in training.
+    for _ in tqdm(checkpoint.iter_tensors(prefix, list(expected)), total=len(expected), desc="verify", leave=False):
+        pass
+
+
+def make_base(cfg: config_mod.Config, model: str, out: Path | None = None, *, show_progress: bool = True) -> Path:
+    """Build `{paths.base}/<model>/` (or `out`) atomically; returns the folder."""
+    cfg.model_spec(model)
+    dest = Path(out) if out is not None else Path(cfg.paths.base) / model
+    with storage.atomic_path(dest) as tmp:
+        if cfg.base.init == "fetch":
+            fetch(cfg, str(cfg.base.uri), tmp)
+        else:
+            scratch(cfg, model, tmp, show_progress=show_progress)
+    return dest
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="textmill base", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a model name from `models:` in the config")
+    p.add_argument("--params", default=str(config_mod.DEFAULT_PARAMS), help="params file (default params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set base.init=fetch --set base.uri=gs://bucket/gpt2/124M")
+    p.add_argument("--out", type=Path, help="output folder (default {paths.base}/<model>)")
+    args = p.parse_args(argv)
+    cfg = config_mod.load(args.params, args.overrides)
+    dest = make_base(cfg, args.model, args.out)
+    print(f"base {args.model}: {dest} ({cfg.base.init})")
+    return 0
