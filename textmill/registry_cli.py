@@ -1,0 +1,192 @@
+"""CLI verbs over the bucket registry: `publish` (the DVC stage publish@<model>), `models ls|show`, `rollback`, `gc`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from textmill import config as tm_config
+from textmill import storage
+from textmill.errors import UserError
+from textmill.registry import LATEST, Registry
+
+DVC_LOCK = Path("dvc.lock")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="registry URI (gs://bucket/prefix or a folder); default: publish.root from params")
+    p.add_argument("--params", default=str(tm_config.DEFAULT_PARAMS), help="params file (default params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. --set publish.tolerance=0.1)")
+
+
+def _root(args: argparse.Namespace, explicit: str | None = None) -> str:
+    root = explicit or args.root
+    return root if root else tm_config.load(args.params, args.overrides).publish.root
+
+
+# ---------------------------------------------------------------------------------------------------------------- publish
+
+def git_state(cwd: Path = Path(".")) -> dict[str, Any]:
+    """{commit, dirty} of the working tree, or {commit: None} outside a git repo / without git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.strip(), "dirty": bool(status.strip())}
+
+
+def dvc_stage_hashes(lock: Path, model: str, corpora: list[str]) -> dict[str, dict[str, str]]:
+    """{stage: {path: md5}} from dvc.lock for this model's stages (`<stage>@<model>`) and its corpora's clean stages."""
+    if not lock.exists():
+        return {}
+    try:
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    except yaml.YAMLError as e:
+        raise UserError(f"{lock}: cannot parse YAML ({e}); run `dvc repro` to rewrite it") from None
+    wanted = {name for name in stages if name.endswith(f"@{model}")} | {f"clean@{c}" for c in corpora}
+    out = {}
+    for name in sorted(wanted & set(stages)):
+        entries = (stages[name].get("deps") or []) + (stages[name].get("outs") or [])
+        out[name] = {e["path"]: e.get("md5") or e.get("hash") for e in entries if "path" in e}
+    return out
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found; {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON in {what} ({e.msg}); {fix}") from None
+
+
+def provenance(cfg: tm_config.Config, model: str, export: Path) -> dict[str, Any]:
+    spec = cfg.model_spec(model)
+    return {
+        "git": git_state(),
+        "dvc_lock": dvc_stage_hashes(DVC_LOCK, model, list(spec.corpora)),
+        "base": tm_config.to_dict(cfg)["base"],
+        "corpora": list(spec.corpora),
+        "export": _read_json(export / "textmill.json", "export provenance (textmill.json)",
+                             f"re-run `textmill convert` for {model}") if (export / "textmill.json").exists() else None,
+        "published_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def publish_main(argv: list[str]) -> int:
+    """`textmill publish <model> [--root URI] [--force]`: upload models/export/<model> as a new version behind the gate."""
+    p = argparse.ArgumentParser(prog="textmill publish", description=publish_main.__doc__)
+    p.add_argument("model")
+    p.add_argument("--force", action="store_true", help="move LATEST even if the gate refuses (worse val_loss)")
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+    args = p.parse_args(argv)
+    cfg = tm_config.load(args.params, args.overrides)
+    cfg.model_spec(args.model)  # an unknown model name fails first, naming the configured ones
+    export = Path(cfg.paths.export) / args.model
+    eval_report = Path(cfg.paths.reports) / "eval" / f"{args.model}.json"
+    metrics = _read_json(eval_report, "evaluation report", f"run `textmill evaluate {args.model}` (or `dvc repro`) first")
+    if "val_loss" not in metrics:
+        raise UserError(f"{eval_report}: no `val_loss` key; re-run `textmill evaluate {args.model}`")
+    root = args.root or cfg.publish.root
+    result = Registry(root).publish(args.model, export, metrics=metrics, provenance=provenance(cfg, args.model, export),
+                                    force=args.force or cfg.publish.force, tolerance=cfg.publish.tolerance,
+                                    progress=not args.no_progress)
+    receipt = {"model": args.model, "root": root, **result.to_dict()}
+    storage.write_json_atomic(Path(cfg.paths.reports) / "publish" / f"{args.model}.json", receipt)
+    print(result.message)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- models / rollback / gc
+
+def _ls(reg: Registry) -> None:
+    models = reg.models()
+    if not models:
+        print(f"{reg.root}: no models")
+        return
+    print(f"{'model':<20} {'live version':<30} {'val_loss':>9} {'versions':>8}")
+    for m in models:
+        live = reg.latest(m)
+        loss = reg.manifest(m, live)["metrics"].get("val_loss") if live else None
+        print(f"{m:<20} {live or '-':<30} {('%.4f' % loss) if loss is not None else '-':>9} {len(reg.versions(m)):>8}")
+
+
+def _show(reg: Registry, ref: str, as_json: bool) -> None:
+    model, _, version = ref.partition("@")
+    live = reg.latest(model)
+    if not version:
+        versions = reg.versions(model)
+        if not versions:
+            raise UserError(f"{reg.root}: no versions of {model!r}; models here: {reg.models()}")
+        for v in versions:
+            loss = reg.manifest(model, v)["metrics"].get("val_loss")
+            print(f"{'*' if v == live else ' '} {model}@{v}  val_loss={loss}")
+        return
+    manifest = reg.manifest(model, version)
+    if as_json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    print(f"{model}@{version}{'  (live)' if version == live else ''}\ncreated: {manifest['created']}")
+    print("metrics: " + json.dumps(manifest["metrics"], sort_keys=True))
+    git = manifest.get("provenance", {}).get("git") or {}
+    if git:
+        print(f"git: {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
+    for e in manifest["files"]:
+        print(f"  {e['size']:>12}  {e['sha256'][:12]}  {e['path']}")
+
+
+def models_main(argv: list[str]) -> int:
+    """`textmill models ls [ROOT]` | `textmill models show <model>[@version] [--root URI] [--json]`."""
+    p = argparse.ArgumentParser(prog="textmill models", description=models_main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("ls", help="models, their live version and val_loss")
+    ls.add_argument("root_pos", nargs="?", metavar="ROOT")
+    _common(ls)
+    show = sub.add_parser("show", help="a model's versions, or one version's manifest")
+    show.add_argument("ref", metavar="MODEL[@VERSION]")
+    show.add_argument("--json", action="store_true", help="print the whole MANIFEST.json")
+    _common(show)
+    args = p.parse_args(argv)
+    if args.cmd == "ls":
+        _ls(Registry(_root(args, args.root_pos)))
+    else:
+        _show(Registry(_root(args)), args.ref, args.json)
+    return 0
+
+
+def rollback_main(argv: list[str]) -> int:
+    """`textmill rollback <model> <version> [--root URI]`: point LATEST at an earlier complete version."""
+    p = argparse.ArgumentParser(prog="textmill rollback", description=rollback_main.__doc__)
+    p.add_argument("model")
+    p.add_argument("version")
+    _common(p)
+    args = p.parse_args(argv)
+    reg = Registry(_root(args))
+    before = reg.latest(args.model)
+    reg.rollback(args.model, args.version)
+    print(f"{args.model}: {LATEST} {before or '-'} -> {args.version}")
+    return 0
+
+
+def gc_main(argv: list[str]) -> int:
+    """`textmill gc <model> --keep N [--root URI]`: delete old versions, keeping the newest N and always the live one."""
+    p = argparse.ArgumentParser(prog="textmill gc", description=gc_main.__doc__)
+    p.add_argument("model")
+    p.add_argument("--keep", type=int, required=True)
+    _common(p)
+    args = p.parse_args(argv)
+    reg = Registry(_root(args))
+    deleted = reg.gc(args.model, args.keep)
+    print(f"{args.model}: deleted {len(deleted)} version(s)" + "".join(f"\n  {v}" for v in deleted)
+          + f"\nlive: {reg.latest(args.model) or '-'}; kept: {len(reg.versions(args.model))}")
+    return 0
