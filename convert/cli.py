@@ -1,0 +1,70 @@
+"""`textmill convert SRC DST`: detect the source's kind and dispatch to its converter; print a one-screen summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from textmill.errors import UserError
+
+# Source kind -> converter(src_path, dst, args) -> provenance dict. A PyTorch training run (training/pt, safetensors +
+# trainer state) gets its own entry here when that trainer lands; every TF layout shares one converter.
+Converter = Callable[[Path, Path, argparse.Namespace], dict[str, Any]]
+
+
+def _convert_tf(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from convert.sources import resolve
+    from convert.tf_to_hf import convert
+
+    src = resolve(src_path, args.step)
+    return convert(src, dst, dtype=args.dtype, verify=args.verify, tokens_dir=args.tokens)
+
+
+def _convert_torch_run(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
+    raise UserError(f"{src_path}: converting a PyTorch training run is not supported yet; a torch run saves "
+                    f"transformers' format already (load its folder with from_pretrained)")
+
+
+CONVERTERS: dict[str, Converter] = {"tf": _convert_tf, "torch": _convert_torch_run}
+
+
+def source_kind(path: Path) -> str:
+    """`torch` for a PyTorch run (its folder has a trainer_state.json), else `tf` (its layout is resolved later)."""
+    if path.is_dir() and (path / "trainer_state.json").is_file():
+        return "torch"
+    return "tf"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="textmill convert", description="Convert a TF GPT-2 checkpoint (OpenAI release, "
+                                "gpt-2-simple run, textmill run or checkpoint prefix) into a Hugging Face folder.")
+    p.add_argument("src", type=Path, help="OpenAI release folder, gpt-2-simple run folder (checkpoint/run1), "
+                   "textmill run (models/runs/<model>) or a checkpoint prefix (.../model-1200)")
+    p.add_argument("dst", type=Path, help="output folder (must not exist)")
+    p.add_argument("--step", default=None, help="N, best (textmill runs: best validation loss) or latest (default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the stored weights (default float32)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare TF and transformers logits/greedy text and both tokenizers; fail on any difference")
+    p.add_argument("--tokens", type=Path, default=None,
+                   help="token dataset folder (data/tokens/<model>): --verify checks the tokenizer on decoded val.bin")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tokens is not None and not args.verify:
+        raise UserError("--tokens is only used by --verify; add --verify or drop --tokens")
+    record = CONVERTERS[source_kind(args.src)](args.src, args.dst, args)
+    summary = {"dst": str(args.dst), "layout": record["source"]["layout"], "step": record["source"]["step"],
+               "dtype": record["dtype"], "skipped_variables": len(record["skipped_variables"]),
+               "skipped_examples": record["skipped_variables"][:5]}
+    if "verify" in record:
+        models = record["verify"]["models"]
+        summary["verify"] = {"logits_max_abs_diff": models["logits_max_abs_diff"],
+                             "greedy_match": models["greedy_match"],
+                             "tokenizer_sample_tokens": record["verify"]["tokenizer"]["sample_tokens"]}
+    print(json.dumps(summary, indent=2))
+    return 0
