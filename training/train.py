@@ -1,0 +1,34 @@
+"""`textmill train <model>`: the DVC stage `train@<model>`; dispatches on `training.backend` (tf today, pt next)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from textmill import config as config_mod
+from textmill.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    """Train a model from models/base/<model>/ on data/tokens/<model>/ into models/runs/<model>/ (resumes if present)."""
+    p = argparse.ArgumentParser(prog="textmill train", description=main.__doc__)
+    p.add_argument("model", help="model name (a key of `models:` in params.yaml)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set training.steps=50 (repeatable)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete an existing run folder for this model and start from the base checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+    args = p.parse_args(argv)
+    cfg = config_mod.load(args.params, args.overrides)
+    cfg.model_spec(args.model)
+    if cfg.training.backend == "pt":
+        raise UserError("config key training.backend=pt: the PyTorch trainer is not built yet; use training.backend=tf")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training.tf.trainer import train  # TensorFlow loads only here (6 s)
+
+    report = train(cfg, args.model, restart=args.restart, progress=not args.no_progress)
+    keys = ("final_step", "train_loss", "val_loss", "best_step", "best_val_loss", "tokens_per_s")
+    print(json.dumps({k: report[k] for k in keys}))
+    return 0
