@@ -151,6 +151,20 @@ def test_changed_settings_are_refused_then_restart_works(trained, capsys):
         main(args + paths + ["--set=training.backend=pt"])
 
 
+
+def test_restart_if_stale_starts_over_when_settings_change(trained, capsys):
+    # What `dvc repro` runs: the run folder persists (so a killed run resumes), but changed settings mean a fresh run.
+    from training.train import main
+
+    root, _ = trained
+    args = ["m", "--params", str(root / "params.yaml"), "--no-progress", "--restart-if-stale"]
+    args += [f"--set=paths.{k}={v}" for k, v in (("tokens", root / "data/tokens"), ("base", root / "models/base"),
+                                                 ("runs", root / "models/runs"), ("reports", root / "reports"))]
+    assert main(args + ["--set=training.steps=12"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final_step"] == 12
+    state = json.loads((root / "models/runs/m/textmill_state.json").read_text())
+    assert state["step"] == 12 and max(map(int, state["val_loss_by_step"])) == 12
+
 def test_best_checkpoint_survives_max_to_keep_and_early_stopping(tmp_path):
     from training.tf.trainer import Session
 

@@ -19,6 +19,8 @@ def main(argv: list[str]) -> int:
                    help="override a config key, e.g. --set training.steps=50 (repeatable)")
     p.add_argument("--restart", action="store_true",
                    help="delete an existing run folder for this model and start from the base checkpoint")
+    p.add_argument("--restart-if-stale", action="store_true",
+                   help="resume a run with the same settings and data, start over if they changed (what dvc.yaml uses)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
     args = p.parse_args(argv)
     cfg = config_mod.load(args.params, args.overrides)
@@ -28,7 +30,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.tf.trainer import train  # TensorFlow loads only here (6 s)
 
-    report = train(cfg, args.model, restart=args.restart, progress=not args.no_progress)
+    report = train(cfg, args.model, restart=args.restart, restart_if_stale=args.restart_if_stale,
+                   progress=not args.no_progress)
     keys = ("final_step", "train_loss", "val_loss", "best_step", "best_val_loss", "tokens_per_s")
     print(json.dumps({k: report[k] for k in keys}))
     return 0

@@ -219,10 +219,18 @@ class RunState:
         return False
 
 
-def open_run(paths: RunPaths, fp: str, seed: int, restart: bool) -> tuple[RunState, bool]:
-    """(state, resuming). Refuses to mix a run folder with different settings unless `restart`."""
+def open_run(paths: RunPaths, fp: str, seed: int, restart: bool,
+             restart_if_stale: bool = False) -> tuple[RunState, bool]:
+    """(state, resuming). Refuses to mix a run folder with different settings unless `restart`.
+
+    `restart_if_stale` is for `dvc repro`: the run folder is `persist: true` so a killed run resumes, but when DVC reruns the
+    stage because data or settings changed, the old run is stale and training starts over from the base checkpoint.
+    """
     state_path = paths.run / STATE_FILE
     old = RunState.read(state_path)
+    if restart_if_stale and old is not None and old.get("fingerprint") != fp:
+        log.warning("%s: settings, data or model changed since this run started; starting over", paths.run)
+        restart = True
     if restart and paths.run.exists():
         shutil.rmtree(paths.run)
         old = None
@@ -239,7 +247,8 @@ def open_run(paths: RunPaths, fp: str, seed: int, restart: bool) -> tuple[RunSta
 class Session:
     """One `textmill train` invocation: the loop, its checkpoints, samples, logs and report."""
 
-    def __init__(self, cfg: Config, name: str, *, restart: bool = False, progress: bool = True):
+    def __init__(self, cfg: Config, name: str, *, restart: bool = False, restart_if_stale: bool = False,
+                 progress: bool = True):
         self.tc, self.paths, self.progress = cfg.training, RunPaths.of(cfg, name), progress
         self.meta = data.load_meta(self.paths.tokens)
         self.train_tokens = data.open_tokens(self.paths.tokens, "train")
@@ -249,7 +258,7 @@ class Session:
         self.strategy = make_strategy(self.tc.distribute)
         replicas = self.strategy.num_replicas_in_sync
         fp = fingerprint(self.hp, self.tc, self.n_ctx, replicas, self.paths.tokens / data.META_FILE)
-        self.state, self.resuming = open_run(self.paths, fp, self.tc.seed, restart)
+        self.state, self.resuming = open_run(self.paths, fp, self.tc.seed, restart, restart_if_stale)
         self.trainer = Trainer(self.hp, self.tc, self.n_ctx, self.strategy)
         if self.resuming:
             self.trainer.restore(self.paths.run / self.state.d["checkpoint"], with_optimizer=True)
@@ -408,7 +417,8 @@ def truncate_after(live_dir: Path, samples: Path, step: int) -> None:
         storage.write_text_atomic(samples, "".join("======== step " + s for s in kept))
 
 
-def train(cfg: Config, name: str, *, restart: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, name: str, *, restart: bool = False, restart_if_stale: bool = False,
+          progress: bool = True) -> dict:
     """Train model `name` (cfg.models[name]) from its base checkpoint on its token dataset; returns the report."""
     cfg.model_spec(name)
-    return Session(cfg, name, restart=restart, progress=progress).run()
+    return Session(cfg, name, restart=restart, restart_if_stale=restart_if_stale, progress=progress).run()
