@@ -174,6 +174,7 @@ class ServingConfig:
     cache_ttl: float = 300.0
     drain_timeout: float = 30.0
     api_keys: list[str] = field(default_factory=list)
+    cpu_threads: int = 0           # torch intra-op threads on CPU; 0 = all cores but one (left for the HTTP event loop)
 
 
 @dataclass

@@ -1,0 +1,213 @@
+"""`textmill clean`: a raw corpus -> data/clean/<corpus>/ (docs + rejected) and reports/clean/<corpus>{.json,-drops.csv}.
+
+Two ways in: a configured corpus (`textmill clean abstracts`, the DVC stage) or ad hoc files (`textmill clean --raw PATH
+--out DIR`). Records stream from the readers in chunks to worker processes (repairs, filters, language, signatures);
+the parent takes results back in input order and decides duplicates, so output is deterministic for any worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+from pipelines import clean_worker
+from pipelines.clean_worker import Outcome, Settings
+from pipelines.clean_writer import CorpusWriter
+from pipelines.readers import ReadOptions, Record, iter_records, resolve
+from pipelines.steps.base import Tally
+from pipelines.steps.exact_dup import ExactDedup
+from pipelines.steps.language import Language
+from pipelines.steps.near_dup import NearDedup
+from textmill import config as tconfig
+from textmill.config import CleanConfig, CorpusConfig
+from textmill.errors import UserError
+from textmill.storage import atomic_path, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = ("malformed_row", "malformed_json", "missing_field", "empty", "too_short", "too_long", "duplicate",
+                "near_duplicate", "no_language", "wrong_language", "low_confidence")
+
+
+def settings_for(corpus: CorpusConfig, clean: CleanConfig) -> Settings:
+    unknown = [s for s in corpus.steps if s not in clean_worker.CORPUS_STEPS]
+    if unknown:
+        raise UserError(f"corpus steps {unknown} are unknown; choose from {sorted(clean_worker.CORPUS_STEPS)}")
+    return Settings(template=corpus.text, required=tuple(corpus.required), steps=tuple(corpus.steps),
+                    fix_html=clean.fix_html, min_chars=corpus.min_chars, max_chars=corpus.max_chars,
+                    detector=clean.detector, seed=clean.seed, near_dup=clean.near_dup.enabled,
+                    num_perm=clean.near_dup.num_perm, ngram=clean.near_dup.ngram)
+
+
+def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    it = iter(records)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def outcomes(records: Iterable[Record], settings: Settings, workers: int, chunk_size: int) -> Iterator[Outcome]:
+    """Per-document results in input order. At most 2 chunks per worker are in flight, so memory stays bounded."""
+    chunks = _chunks(records, chunk_size)
+    if workers <= 1:
+        clean_worker.init(settings)
+        for chunk in chunks:
+            yield from clean_worker.process_chunk(chunk)
+        return
+    with ProcessPoolExecutor(workers, initializer=clean_worker.init, initargs=(settings,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(clean_worker.process_chunk, chunk))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def decide(stream: Iterable[Outcome], corpus: CorpusConfig, clean: CleanConfig, writer: CorpusWriter) -> Tally:
+    """The parent's half: duplicates (first occurrence in input order kept), then language; write every outcome."""
+    tally = Tally()
+    exact = ExactDedup()
+    near = NearDedup(clean.near_dup.threshold, clean.near_dup.num_perm) if clean.near_dup.enabled else None
+    threshold = clean.fasttext_threshold if clean.detector == "fasttext" else clean.lang_threshold
+    language = Language(corpus.lang, threshold)
+    for out in tqdm(stream, desc="clean", unit="doc", disable=None, mininterval=1.0):
+        doc = out.doc
+        tally.seen(doc)
+        reason, excerpt = out.reason, out.excerpt
+        if reason is None:
+            reason = exact.keep(doc) or (near.keep(doc) if near else None) or language.keep(doc)
+            excerpt = doc.text[:clean_worker.EXCERPT_CHARS]
+        if reason:
+            tally.dropped(reason)
+            writer.reject(doc, reason, excerpt)
+        else:
+            tally.kept(doc)
+            writer.doc(doc)
+    return tally
+
+
+def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: CleanConfig, out_dir: Path,
+                name: str) -> tuple[dict, dict]:
+    """Clean `files` (path, id label) as one corpus into `out_dir` (replaced atomically). Returns (report, timings)."""
+    start = time.perf_counter()
+    settings = settings_for(corpus, clean)
+    opts = ReadOptions(format=corpus.format, split=corpus.split, encoding=corpus.encoding, template=corpus.text,
+                       id_field=corpus.id)
+    workers = clean.workers or os.cpu_count() or 1
+    with atomic_path(out_dir) as tmp:
+        writer = CorpusWriter(tmp, clean.output_format)
+        try:
+            tally = decide(outcomes(iter_records(files, opts), settings, workers, clean.chunk_size), corpus, clean, writer)
+        finally:
+            writer.close()
+        if tally.docs_in == 0:
+            raise UserError(f"corpus {name!r}: no records in {[label for _, label in files]}; "
+                            "check the files' content and the `format:`/`split:` settings")
+        bytes_out = writer.docs_path.stat().st_size
+    seconds = time.perf_counter() - start
+    bytes_in = sum(p.stat().st_size for p, _ in files)
+    report = {
+        "corpus": name, "detector": clean.detector, "files": len(files), "bytes_in": bytes_in, "bytes_out": bytes_out,
+        "docs_in": tally.docs_in, "docs_out": tally.docs_out,
+        "drops": dict(sorted(tally.drops.items())), "fixes": dict(sorted(tally.fixes.items())),
+        "languages": dict(sorted(tally.languages.items())),
+    }
+    timings = {"seconds": round(seconds, 3), "workers": workers, "docs_per_s": round(tally.docs_in / seconds, 1),
+               "mb_per_s": round(bytes_in / 1e6 / seconds, 3)}
+    if tally.docs_out == 0:
+        log.warning("corpus %s: every document was dropped; see %s/rejected.jsonl", name, out_dir)
+    return report, timings
+
+
+def drops_csv(report: dict) -> str:
+    """`reason,count` for every known reason (zeros included), so the DVC bar plot keeps the same bars run to run."""
+    reasons = list(DROP_REASONS) + sorted(set(report["drops"]) - set(DROP_REASONS))
+    return "reason,count\n" + "".join(f"{r},{report['drops'].get(r, 0)}\n" for r in reasons)
+
+
+def run_configured(name: str, params: str, overrides: list[str]) -> dict:
+    """The DVC stage: corpus `name` from params.yaml -> {paths.clean}/<name>/ and {paths.reports}/clean/<name>*."""
+    cfg = tconfig.load(params, overrides)
+    corpus = cfg.corpus(name)
+    root = Path(cfg.paths.raw) / name
+    files = [(p, p.relative_to(root).as_posix()) for p in resolve(root, corpus.files)]
+    report, timings = clean_files(files, corpus, cfg.clean, Path(cfg.paths.clean) / name, name)
+    reports = Path(cfg.paths.reports) / "clean"
+    write_json_atomic(reports / f"{name}.json", report)
+    write_text_atomic(reports / f"{name}-drops.csv", drops_csv(report))
+    write_json_atomic(reports / f"{name}-timings.json", timings)
+    return report
+
+
+def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
+    """Files named on the command line, in the given order; a folder contributes its files (sorted, recursive)."""
+    files: list[tuple[Path, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += [(p, p.relative_to(path).as_posix()) for p in resolve(path, ["**/*"])]
+        elif path.is_file():
+            files.append((path, path.name))
+        else:
+            raise UserError(f"{path}: no such file or folder; check the --raw path")
+    return files
+
+
+def run_adhoc(args: argparse.Namespace) -> dict:
+    cfg = tconfig.from_container(tconfig.OmegaConf.from_dotlist(list(args.set)))
+    corpus = CorpusConfig(format=args.format, text=args.text, id=args.id, split=args.split, encoding=args.encoding,
+                          lang=[x for v in args.lang for x in v.split(",") if x], min_chars=args.min_chars,
+                          required=list(args.required))
+    if args.detector:
+        cfg.clean.detector = args.detector
+        tconfig.validate(cfg)
+    out = Path(args.out)
+    report, timings = clean_files(_adhoc_files(args.raw), corpus, cfg.clean, out, out.name)
+    write_json_atomic(out / "report.json", report)
+    log.info("cleaned %d -> %d docs in %.1f s", report["docs_in"], report["docs_out"], timings["seconds"])
+    return report
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    defaults = CorpusConfig()
+    p = argparse.ArgumentParser(prog="textmill clean", description=__doc__.split("\n")[0])
+    p.add_argument("corpus", nargs="?", help="configured corpus name (configs/corpus/<name>.yaml)")
+    p.add_argument("--params", default=str(tconfig.DEFAULT_PARAMS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. clean.workers=1")
+    adhoc = p.add_argument_group("ad hoc (no config file): --raw PATH... --out DIR")
+    adhoc.add_argument("--raw", nargs="+", help="files or folders, one corpus (dedup across them, first kept)")
+    adhoc.add_argument("--out", help="output folder: docs.jsonl, rejected.jsonl, report.json")
+    adhoc.add_argument("--format", default=defaults.format, help="input format: auto|csv|tsv|json|jsonl|txt|parquet")
+    adhoc.add_argument("--text", default=defaults.text, help='template over record fields, e.g. "{title}\\n\\n{abstract}"')
+    adhoc.add_argument("--id", default=None, help="id field (default: <file>:<row>)")
+    adhoc.add_argument("--split", default=defaults.split, help="txt files: file | paragraph | a separator line")
+    adhoc.add_argument("--encoding", default=defaults.encoding)
+    adhoc.add_argument("--required", action="append", default=[], help="field that must be non-blank (repeatable)")
+    adhoc.add_argument("--lang", action="append", default=[], help="language(s) to keep, e.g. en or en,de (default: all)")
+    adhoc.add_argument("--min-chars", type=int, default=defaults.min_chars)
+    adhoc.add_argument("--detector", choices=["langdetect", "fasttext"])
+    args = p.parse_args(argv)
+    args.text = args.text.encode("utf-8").decode("unicode_escape") if "\\" in args.text else args.text
+    if bool(args.corpus) == bool(args.raw):
+        p.error("give a configured corpus name, or --raw PATH... --out DIR (not both)")
+    if args.raw and not args.out:
+        p.error("--raw needs --out DIR")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    report = run_adhoc(args) if args.raw else run_configured(args.corpus, args.params, args.set)
+    print(f"{report['corpus']}: {report['docs_in']} docs in, {report['docs_out']} kept; drops {report['drops']}; "
+          f"fixes {report['fixes']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,110 @@
+"""The per-document half of `clean`, run in worker processes over chunks: repair fields, render, tidy, per-doc filters,
+language detection and dedup signatures. Deciding duplicates needs every earlier document, so that is left to the parent.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipelines.readers import Record, template_fields
+from pipelines.steps import CORPUS_STEPS, REPAIRS
+from pipelines.steps.base import Doc
+from pipelines.steps.empty import Empty
+from pipelines.steps.exact_dup import signature
+from pipelines.steps.language import detect, make_detector
+from pipelines.steps.length import Length
+from pipelines.steps.near_dup import Shingler
+from pipelines.steps.whitespace import Whitespace
+
+EXCERPT_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker needs, picklable (sent once per process through the pool initializer)."""
+
+    template: str
+    required: tuple[str, ...] = ()
+    steps: tuple[str, ...] = ()
+    fix_html: bool = True
+    min_chars: int = 40
+    max_chars: int = 200_000
+    detector: str = "langdetect"
+    seed: int = 0
+    near_dup: bool = True
+    num_perm: int = 128
+    ngram: int = 5
+
+
+@dataclass
+class Outcome:
+    doc: Doc
+    reason: Optional[str] = None   # set when a per-document filter (or the reader) already rejected it
+    excerpt: str = ""
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    repairs: list = field(default_factory=list)
+    text_steps: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.repairs = [cls() for name, cls in REPAIRS.items() if s.fix_html or name != "html"]
+        self.text_steps = [CORPUS_STEPS[name]() for name in s.steps] + [Whitespace()]
+        self.fields = list(dict.fromkeys(template_fields(s.template) + list(s.required)))
+        self.filters = [Empty(list(s.required)), Length(s.min_chars, s.max_chars, list(s.required))]
+        self.detector = make_detector(s.detector, s.seed)
+        self.shingler = Shingler(s.num_perm, s.ngram) if s.near_dup else None
+
+    def render(self, doc: Doc) -> str:
+        parts = []
+        for literal, name, _, _ in string.Formatter().parse(self.settings.template):
+            parts.append(literal)
+            if name:
+                value = doc.fields.get(name)
+                parts.append("" if value is None else str(value))
+        return "".join(parts)
+
+    def repair(self, rec: Record) -> Doc:
+        """Repaired fields (`doc.fields`) and the rendered, tidied text of one parsed record."""
+        doc = Doc(rec.id, rec.source, {name: rec.fields.get(name) for name in self.fields})
+        for fixer in self.repairs:
+            fixer.apply_fields(doc, self.fields)
+        doc.text = self.render(doc)
+        for step in self.text_steps:
+            step.apply_text(doc)
+        doc.text = doc.text.strip()
+        return doc
+
+    def process(self, rec: Record) -> Outcome:
+        if rec.malformed is not None:
+            return Outcome(Doc(rec.id, rec.source, {}), rec.malformed.reason, rec.malformed.excerpt[:EXCERPT_CHARS])
+        doc = self.repair(rec)
+        for f in self.filters:
+            reason = f.keep(doc)
+            if reason:
+                return Outcome(doc, reason, doc.text[:EXCERPT_CHARS])
+        doc.fields = {}  # not needed past this point; keeps what travels back to the parent small
+        doc.lang, doc.lang_prob = detect(self.detector, doc.text)
+        doc.signature = signature(doc.text)
+        if self.shingler is not None:
+            doc.minhash = self.shingler.signature(doc.text)
+        return Outcome(doc)
+
+
+_worker: Optional[Worker] = None
+
+
+def init(settings: Settings) -> None:
+    """Pool initializer: build the steps and load the language model once per process."""
+    global _worker
+    _worker = Worker(settings)
+
+
+def process_chunk(records: list[Record]) -> list[Outcome]:
+    assert _worker is not None, "init() must run first (pool initializer)"
+    return [_worker.process(r) for r in records]

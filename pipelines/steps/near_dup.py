@@ -1,0 +1,56 @@
+"""Near-duplicates: MinHash of word n-gram shingles (worker) looked up in a MinHash LSH index (parent), first kept.
+
+The index stores band hashes only, not texts. A document is a near-duplicate when LSH finds an earlier kept document
+whose estimated Jaccard similarity reaches `threshold`; candidates are verified against their stored MinHash values so
+band collisions below the threshold do not drop anything.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Optional
+
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+from pipelines.steps.base import Doc, Filter
+
+_WORD = re.compile(r"\w+")
+SEED = 1
+SCHEME = "affine32"   # datasketch 2 needs the scheme named when rebuilding a MinHash from its values
+
+
+class Shingler:
+    """Per-process MinHash builder; the permutations are drawn once (seeded) instead of per document."""
+
+    def __init__(self, num_perm: int, ngram: int):
+        self.num_perm, self.ngram = num_perm, ngram
+        # crc32 (C, stable across processes) instead of datasketch's default sha1: the affine permutations that follow do
+        # the mixing, and hashing every shingle through sha1 was the worker's second-largest cost after language detection.
+        self._template = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME, hashfunc=zlib.crc32)
+
+    def signature(self, text: str) -> np.ndarray:
+        words = _WORD.findall(text.casefold())
+        n = self.ngram
+        grams = {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+        m = self._template.copy()
+        m.update_batch([g.encode("utf-8") for g in grams])
+        return m.hashvalues.copy()
+
+
+class NearDedup(Filter):
+    def __init__(self, threshold: float, num_perm: int):
+        self.threshold, self.num_perm = threshold, num_perm
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.kept: dict[int, LeanMinHash] = {}
+
+    def keep(self, doc: Doc) -> Optional[str]:
+        m = LeanMinHash(seed=SEED, hashvalues=doc.minhash, scheme=SCHEME)
+        for key in self.lsh.query(m):
+            if self.kept[key].jaccard(m) >= self.threshold:
+                return "near_duplicate"
+        key = len(self.kept)
+        self.kept[key] = m
+        self.lsh.insert(key, m, check_duplication=False)
+        return None
