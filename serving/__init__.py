@@ -1,0 +1,1 @@
+"""Serving node: registry sync into a verified cache, batched generation engine with hot swap, OpenAI-compatible API."""

@@ -1,0 +1,289 @@
+"""One loaded model version and its batching worker thread: collect waiting sequences, step them together on a KV cache.
+
+A batch starts from whatever is queued (up to max_batch_size); prompts are left-padded with an attention mask and
+explicit position ids, every sequence samples with its own parameters and its own seeded `torch.Generator` (so its text
+does not depend on what it was batched with), and finished or cancelled rows are dropped from the cache as they end.
+Sequences that arrive while a batch runs are prefilled on their own and join it between decode steps (their KV cache
+left-padded to the batch's length), so a short request does not wait for the longest one in front of it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from serving.generation import EngineError, Generation, OutOfMemory
+from serving.sampling import TextTracker, sample
+
+log = logging.getLogger(__name__)
+
+# Test-only hooks through real code paths (documented in docs/serving.md): a per-step delay so timing-sensitive tests
+# (drain, disconnect, hot swap under load) are not races, and an out-of-memory error raised in the forward pass of any
+# batch holding a prompt that contains the marker.
+STEP_DELAY_ENV = "TEXTMILL_TEST_STEP_DELAY"
+OOM_PROMPT_ENV = "TEXTMILL_TEST_OOM_PROMPT"
+
+_STOP = object()
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Retired(Exception):
+    """The worker was replaced by a newer version (hot swap) between lookup and submit: resubmit to the live one."""
+
+
+class ModelWorker:
+    """A model version in memory plus the thread that runs its batches. `close()` drains the queue, then frees memory."""
+
+    def __init__(self, name: str, version: str, folder: str, model: Any, tokenizer: Any, manifest: dict,
+                 *, max_batch_size: int, max_queue: int, metrics: Any = None) -> None:
+        self.name, self.version, self.folder, self.manifest = name, version, folder, manifest
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.n_ctx = int(model.config.n_positions)
+        self.eot_id = int(model.config.eos_token_id)
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.metrics = metrics
+        self.last_ok = 0.0            # monotonic time of the last successful forward pass
+        self._queue: queue.Queue = queue.Queue()
+        self._submit_lock = threading.Lock()
+        self._closed = False
+        self._stopping = False        # the worker saw close(): finish what is running and queued, then free
+        self._thread: threading.Thread | None = None
+        self._step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+        self._oom_marker = os.environ.get(OOM_PROMPT_ENV) or None
+
+    # lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}-{self.version}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop taking work; queued and running sequences still finish, then the weights are freed."""
+        with self._submit_lock:
+            self._closed = True
+            self._queue.put(_STOP)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def submit(self, gen: Generation) -> None:
+        with self._submit_lock:  # nothing may land behind the stop marker, where no one would run it
+            if self._closed:
+                raise Retired(f"{self.name} {self.version} was replaced")
+            if self._queue.qsize() >= self.max_queue:
+                raise QueueFull(f"model {self.name!r} has {self._queue.qsize()} requests waiting "
+                                f"(max_queue={self.max_queue})")
+            self._queue.put(gen)
+        self._gauge_queue()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def _gauge_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
+
+    def _take_waiting(self, limit: int, block: bool = False) -> list[Generation]:
+        """Up to `limit` queued, not cancelled sequences; notes the stop marker instead of returning it."""
+        taken: list[Generation] = []
+        while len(taken) < limit and not self._stopping:
+            try:
+                item = self._queue.get(block=block and not taken)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._stopping = True
+            elif not self._drop_if_cancelled(item):
+                taken.append(item)
+        self._gauge_queue()
+        return taken
+
+    def _run(self) -> None:
+        while not self._stopping:
+            batch = self._take_waiting(self.max_batch_size, block=True)
+            if batch:
+                self.run_batch(batch)
+        self._free()
+
+    def _free(self) -> None:
+        log.info("model %s version %s unloaded", self.name, self.version)
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def _drop_if_cancelled(g: Generation) -> bool:
+        if g.cancelled:
+            g.finish("cancelled", g.tokens)
+        return g.cancelled
+
+    # generation
+    def run_batch(self, gens: list[Generation]) -> None:
+        """Generate every sequence in `gens` to its end; failures end that batch's sequences with an error event."""
+        started, taken = time.monotonic(), list(gens)
+        try:
+            self._generate(taken)  # appends the sequences that join while it runs
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            log.error("model %s version %s: out of memory in a batch of %d: %s", self.name, self.version, len(taken), e)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for g in taken:
+                g.fail(OutOfMemory(f"out of memory while generating (batch of {len(taken)}); retry the request"))
+            if self.metrics is not None:
+                self.metrics.oom_total.labels(self.name).inc()
+        except Exception as e:  # a bug must not kill the worker thread; every waiting client gets a 500
+            log.exception("model %s version %s: generation failed", self.name, self.version)
+            for g in taken:
+                g.fail(EngineError(f"generation failed: {type(e).__name__}: {e}"))
+        if self.metrics is not None:
+            self.metrics.batch_seconds.labels(self.name).observe(time.monotonic() - started)
+
+    def _forward(self, gens: list[Generation], **inputs: Any) -> Any:
+        if self._oom_marker and any(self._oom_marker in g.prompt for g in gens):
+            raise torch.OutOfMemoryError(f"injected by {OOM_PROMPT_ENV} for a test")
+        out = self.model(**inputs, use_cache=True)
+        self.last_ok = time.monotonic()
+        if self._step_delay:
+            time.sleep(self._step_delay)
+        return out
+
+    def _prefill_inputs(self, gens: list[Generation]) -> dict[str, torch.Tensor]:
+        width = max(len(g.prompt_ids) for g in gens)
+        ids = torch.full((len(gens), width), self.eot_id, dtype=torch.long)
+        mask = torch.zeros((len(gens), width), dtype=torch.long)
+        for row, g in enumerate(gens):
+            n = len(g.prompt_ids)
+            ids[row, width - n:] = torch.tensor(g.prompt_ids, dtype=torch.long)
+            mask[row, width - n:] = 1
+        # Left padding shifts tokens right; positions must count real tokens only or the outputs depend on the batch.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "position_ids": positions.to(self.device)}
+
+    @torch.inference_mode()
+    def _generate(self, gens: list[Generation]) -> None:
+        """Decode until every row has ended; sequences that arrive meanwhile join between steps (continuous batching)."""
+        run = self._prefill(gens)
+        tokens = self._sample(run)
+        while run.rows:
+            room = self.max_batch_size - len(run.rows)
+            joining = self._take_waiting(room) if room > 0 else []
+            if joining:
+                gens.extend(joining)
+                new = self._prefill(joining)
+                tokens = self._merge(run, tokens, new, self._sample(new))
+            run.mask = torch.cat([run.mask, run.mask.new_ones((len(run.rows), 1))], dim=1)
+            out = self._forward(run.rows, input_ids=torch.tensor(tokens, device=self.device)[:, None],
+                                attention_mask=run.mask, position_ids=run.next_pos[:, None],
+                                past_key_values=run.cache)
+            run.cache, run.logits, run.next_pos = out.past_key_values, out.logits[:, -1, :], run.next_pos + 1
+            tokens = self._sample(run)
+
+    def _prefill(self, gens: list[Generation]) -> "_Rows":
+        inputs = self._prefill_inputs(gens)
+        out = self._forward(gens, **inputs)
+        return _Rows(rows=list(gens), trackers=[TextTracker(self.tokenizer, g.params.stop) for g in gens],
+                     rngs=[torch.Generator(device=self.device).manual_seed(g.params.seed) for g in gens],
+                     counts=[0] * len(gens), cache=out.past_key_values, logits=out.logits[:, -1, :],
+                     mask=inputs["attention_mask"], next_pos=inputs["position_ids"][:, -1] + 1)
+
+    def _sample(self, run: "_Rows") -> list[int]:
+        """Sample one token per row, hand it to its sequence, drop rows that ended; the kept rows' tokens."""
+        tokens, keep = [], []
+        for i, g in enumerate(run.rows):
+            token = sample(run.logits[i], g.params, run.rngs[i])
+            run.counts[i] += 1
+            if self._advance(g, run.trackers[i], token, run.counts[i]):
+                keep.append(i)
+                tokens.append(token)
+        if self.metrics is not None:
+            self.metrics.tokens.labels(self.name).inc(len(run.rows))
+            self.metrics.batch_size.labels(self.name).observe(len(run.rows))
+        if len(keep) < len(run.rows):
+            run.select(keep)
+        return tokens
+
+    @staticmethod
+    def _merge(run: "_Rows", tokens: list[int], new: "_Rows", new_tokens: list[int]) -> list[int]:
+        """Append `new`'s rows to `run`: both caches are left-padded to one length (padding masked out)."""
+        if not new.rows:
+            return tokens
+        width = max(run.mask.shape[1], new.mask.shape[1])
+        for old_layer, new_layer in zip(run.cache.layers, new.cache.layers):
+            for attr in ("keys", "values"):
+                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
+                setattr(old_layer, attr, torch.cat([_left_pad(a, width, dim=2), _left_pad(b, width, dim=2)], dim=0))
+        run.mask = torch.cat([_left_pad(run.mask, width, dim=1), _left_pad(new.mask, width, dim=1)], dim=0)
+        run.next_pos = torch.cat([run.next_pos, new.next_pos])
+        for name in ("rows", "trackers", "rngs", "counts"):
+            getattr(run, name).extend(getattr(new, name))
+        return tokens + new_tokens
+
+    def _advance(self, g: Generation, tracker: TextTracker, token: int, count: int) -> bool:
+        """Feed one sampled token to a sequence; False when it has ended (EOS, stop string, length, cancelled)."""
+        if g.cancelled:
+            g.finish("cancelled", count)
+            return False
+        if token == self.eot_id:
+            g.emit(tracker.flush(), count)
+            g.finish("stop", count)
+            return False
+        delta, stopped = tracker.push(token)
+        if stopped:
+            g.emit(delta, count)
+            g.finish("stop", count)
+            return False
+        if count >= g.params.max_tokens or len(g.prompt_ids) + count >= self.n_ctx:
+            g.emit(delta + tracker.flush(), count)
+            g.finish("length", count)
+            return False
+        g.emit(delta, count)
+        return True
+
+
+def _left_pad(x: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+@dataclass
+class _Rows:
+    """The running batch: per-row state in lists, the shared KV cache, attention mask and next positions."""
+
+    rows: list[Generation]
+    trackers: list[TextTracker]
+    rngs: list[torch.Generator]
+    counts: list[int]
+    cache: Any
+    logits: torch.Tensor
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.rows, self.trackers, self.rngs, self.counts = (
+            [seq[i] for i in keep] for seq in (self.rows, self.trackers, self.rngs, self.counts))

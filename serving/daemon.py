@@ -1,0 +1,196 @@
+"""`textmill serve`: initial sync + load, then uvicorn with a background sync loop (hot swap) and a SIGTERM drain."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import signal
+import threading
+import time
+
+import uvicorn
+
+from serving import settings as node_settings
+from serving.app import ServingState, create_app
+from serving.engine import Engine, EngineOptions
+from serving.metrics import Metrics
+from serving.sync import Cached, Syncer
+from textmill.config import ServingConfig
+from textmill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 1.0        # first retry after a failed sync pass; doubles up to poll_interval
+GRACEFUL_CLOSE_S = 5.0
+STARTUP_SYNC_WAIT_S = 5.0    # how long start-up waits for the registry before serving from the cache       # after the drain, how long uvicorn waits for lingering connections
+
+
+class Node:
+    """Keeps each model's live version equal to the registry's LATEST (when it loads), from its own thread."""
+
+    def __init__(self, settings: ServingConfig, engine: Engine, syncer: Syncer, metrics: Metrics) -> None:
+        self.settings, self.engine, self.syncer, self.metrics = settings, engine, syncer, metrics
+        self.expected: list[str] = list(settings.models)
+        self._bad: dict[str, set[str]] = {}     # model -> versions that failed to load (never retried)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first: threading.Thread | None = None
+        self._registry_empty = False
+
+    def models(self) -> tuple[list[str], bool]:
+        """(models to serve, whether the registry answered)."""
+        if self.settings.models:
+            return list(self.settings.models), True
+        try:
+            return sorted(set(self.syncer.registry.models()) | set(self.syncer.cached_models())), True
+        except Exception as e:  # unreachable bucket: serve what the cache holds and retry later
+            log.error("registry %s unreachable (%s: %s); serving cached models", self.settings.root, type(e).__name__, e)
+            return self.syncer.cached_models(), False
+
+    def refresh(self, model: str) -> bool:
+        """Sync one model and swap to its LATEST when that is new; True when the registry answered without error."""
+        try:
+            result = self.syncer.sync_model(model)
+        except Exception as e:  # unreachable, verification failure, malformed manifest: keep the live version
+            log.error("model %s: sync failed, keeping %s: %s: %s", model, self._live(model) or "nothing", type(e).__name__, e)
+            self.metrics.sync_failures.labels(model).inc()
+            result = None
+        target: Cached | None = result.cached if result is not None else None
+        if (target is not None or self.syncer.cached(model)) and model not in self.expected:
+            self.expected.append(model)
+        bad = self._bad.setdefault(model, set())
+        if target is not None and target.version != self._live(model) and target.version not in bad:
+            if not self.engine.swap(model, target.version, target.folder, target.manifest()):
+                bad.add(target.version)
+        if self._live(model) is None:
+            self.serve_cached(model)
+        live = self._live(model)
+        if live is not None:
+            self.syncer.prune(model, {live} | ({target.version} if target else set()))
+        return result is not None and result.error is None
+
+    def serve_cached(self, model: str) -> None:
+        """Nothing live for `model` (bucket unreachable, or its LATEST will not load): load the newest cached version
+        that does."""
+        bad = self._bad.setdefault(model, set())
+        for cached in reversed(self.syncer.cached(model)):
+            if cached.version in bad:
+                continue
+            if self.engine.swap(model, cached.version, cached.folder, cached.manifest()):
+                log.warning("model %s: serving cached version %s", model, cached.version)
+                return
+            bad.add(cached.version)
+
+    def _live(self, model: str) -> str | None:
+        worker = self.engine.models().get(model)
+        return worker.version if worker else None
+
+    def sync_pass(self) -> bool:
+        models, reachable = self.models()
+        results = [self.refresh(m) for m in models]
+        self._registry_empty = reachable and not models
+        return reachable and all(results)
+
+    def initial(self) -> None:
+        """First sync pass; if the registry has not answered within STARTUP_SYNC_WAIT_S (gcsfs retries an unreachable
+        bucket for ~30 s), serve the newest verified cached versions meanwhile and let that pass finish in the background."""
+        first = threading.Thread(target=self._guarded_pass, name="sync-initial", daemon=True)
+        first.start()
+        first.join(STARTUP_SYNC_WAIT_S)
+        if first.is_alive():
+            log.warning("registry %s has not answered in %.0fs; serving cached versions while it retries",
+                        self.settings.root, STARTUP_SYNC_WAIT_S)
+            for model in list(self.settings.models) or self.syncer.cached_models():
+                if self.syncer.cached(model) and model not in self.expected:
+                    self.expected.append(model)
+                if self._live(model) is None:
+                    self.serve_cached(model)
+        elif self._registry_empty and not self.syncer.cached_models():
+            raise UserError(f"{self.settings.root}: no models in the registry and none cached in "
+                            f"{self.settings.cache_dir}; publish one (`textmill publish`) or pass the right --root")
+        self._first = first
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sync-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _guarded_pass(self) -> bool:
+        try:
+            return self.sync_pass()
+        except Exception:  # the loop must outlive any one bad pass
+            log.exception("sync pass failed")
+            return False
+
+    def _loop(self) -> None:
+        while self._first is not None and self._first.is_alive() and not self._stop.is_set():
+            self._first.join(0.2)
+        failures, delay = 0, self._next_delay(0)
+        while not self._stop.wait(delay):
+            failures = 0 if self._guarded_pass() else failures + 1
+            delay = self._next_delay(failures)
+
+    def _next_delay(self, failures: int) -> float:
+        poll = self.settings.poll_interval
+        if failures:
+            return min(poll, BACKOFF_FIRST_S * 2 ** (failures - 1))
+        # jitter spreads a fleet's polls so the bucket does not see them all at once
+        return poll * random.uniform(1 - self.settings.poll_jitter, 1 + self.settings.poll_jitter)
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM: /ready turns 503 and new requests are refused, in-flight ones finish (up to drain_timeout), exit 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServingState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and not self.state.draining:
+            log.info("SIGTERM: draining %d in-flight request(s) (at most %.0fs)", self.state.inflight,
+                     self.state.settings.drain_timeout)
+            self.state.draining = True
+            threading.Thread(target=self._drain, name="drain", daemon=True).start()
+            return
+        super().handle_exit(sig, frame)
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.state.settings.drain_timeout
+        while self.state.inflight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.state.inflight:
+            log.warning("drain timeout: %d request(s) still running are cut off", self.state.inflight)
+        self.should_exit = True
+
+
+def main(argv: list[str]) -> int:
+    """Run a serving node: sync models from the registry, load them, serve the OpenAI-compatible API, hot-swap new
+    versions as they are published, drain on SIGTERM (`textmill serve --root URI [--models a,b] [--port N]`)."""
+    p = argparse.ArgumentParser(prog="textmill serve", description=main.__doc__)
+    node_settings.add_arguments(p, server=True)
+    settings = node_settings.load(p.parse_args(argv))
+    metrics = Metrics()
+    engine = Engine(EngineOptions(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
+                                  max_queue=settings.max_queue, cache_size=settings.cache_size,
+                                  cache_ttl=settings.cache_ttl, cpu_threads=settings.cpu_threads), metrics)
+    node = Node(settings, engine, Syncer(settings), metrics)
+    node.initial()
+    state = ServingState(engine, settings, metrics, expected=node.expected)
+    config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, lifespan="off",
+                            access_log=False, timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None)
+    server = DrainingServer(config, state)
+    node.start()
+    try:
+        server.run()
+    finally:
+        node.stop()
+        engine.close()
+    if not server.started:
+        raise UserError(f"cannot listen on {settings.host}:{settings.port} (port in use?); pass --port")
+    log.info("stopped")
+    return 0

@@ -1,0 +1,123 @@
+"""Wire formats: OpenAI-compatible completion requests/responses and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Optional, Union
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+VERSION_HEADER = "X-Textmill-Model-Version"
+MAX_N = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationFields(BaseModel):
+    """What a client may ask of one generation (shared by /v1/completions and the WebSocket)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Union[str, list[str]]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    # OpenAI fields this server does not implement: accepted only at their "off" value, never silently ignored
+    echo: bool = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("echo", "logprobs", "best_of", "suffix")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v not in (None, False, 0) and not (info.field_name == "best_of" and v == 1):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt list must not be empty")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(GenerationFields):
+    model: str
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", *, param: str | None = None,
+                   code: str | None = None, version: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if version:
+        headers[VERSION_HEADER] = version
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    """Raised by handlers; turned into an OpenAI-shaped error response by one exception handler."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None, version: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers, self.version = headers or {}, version
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, param=self.param, code=self.code,
+                              version=self.version, headers=self.headers)
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def completion(cid: str, model: str, version: str, choices: list[dict], usage: dict | None) -> dict[str, Any]:
+    body = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": version, "model_version": version, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,153 @@
+"""Bucket registry -> local verified cache: `<cache>/<model>/<version>/` appears only complete and checked (temp + rename).
+
+Only the registry's read side is used. A version folder in the cache exists only after `Registry.download` verified every
+file against the MANIFEST (it writes MANIFEST.json into the folder before the rename), so "has MANIFEST.json and is not a
+hidden temp folder" is what "verified" means here; the loader never looks at anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from textmill.config import ServingConfig
+from textmill.errors import UserError
+from textmill.registry import MANIFEST, Registry
+
+log = logging.getLogger(__name__)
+
+STALE_TEMP_S = 600.0   # a hidden temp folder older than this was left by a sync that died mid-download
+
+
+@dataclass
+class Cached:
+    model: str
+    version: str
+    folder: Path
+
+    def manifest(self) -> dict:
+        return json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+
+
+@dataclass
+class SyncResult:
+    model: str
+    latest: str | None              # the registry's LATEST (None: none, or unreachable)
+    cached: Cached | None           # the verified cached copy of `latest`
+    downloaded: bool = False
+    error: str | None = None
+
+
+class Syncer:
+    """One registry root, one cache folder. Thread-compatible: the daemon calls it from its one sync thread."""
+
+    def __init__(self, settings: ServingConfig, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.cache = Path(settings.cache_dir)
+        self._registry = registry
+
+    @property
+    def registry(self) -> Registry:
+        # Built lazily: constructing a gs:// filesystem must not be what stops a node from serving its cache.
+        if self._registry is None:
+            self._registry = Registry(self.settings.root)
+        return self._registry
+
+    # the cache
+    def cached(self, model: str) -> list[Cached]:
+        """Verified cached versions of `model`, oldest to newest."""
+        folder = self.cache / model
+        if not folder.is_dir():
+            return []
+        return [Cached(model, p.name, p) for p in sorted(folder.iterdir())
+                if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
+
+    def newest_cached(self, model: str) -> Cached | None:
+        found = self.cached(model)
+        return found[-1] if found else None
+
+    def cached_models(self) -> list[str]:
+        if not self.cache.is_dir():
+            return []
+        return sorted(p.name for p in self.cache.iterdir() if p.is_dir() and self.cached(p.name))
+
+    def prune(self, model: str, protect: set[str] = frozenset()) -> list[str]:
+        """Keep the newest `keep_versions + 1` (the live one and N for rollback) plus `protect`; delete the rest."""
+        versions = [c.version for c in self.cached(model)]
+        keep = set(versions[-(self.settings.keep_versions + 1):]) | set(protect)
+        removed = [v for v in versions if v not in keep]
+        for v in removed:
+            shutil.rmtree(self.cache / model / v, ignore_errors=True)
+            log.info("model %s: removed cached version %s (keep_versions=%d)", model, v, self.settings.keep_versions)
+        self._remove_stale_temps(model)
+        return removed
+
+    def _remove_stale_temps(self, model: str) -> None:
+        now = time.time()
+        for p in (self.cache / model).glob(".*"):
+            if p.is_dir() and now - p.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # the registry
+    def models(self) -> list[str]:
+        return list(self.settings.models) or self.registry.models()
+
+    def sync_model(self, model: str, *, progress: bool = False) -> SyncResult:
+        """Make the registry's LATEST of `model` present and verified in the cache (download only what changed)."""
+        latest = self.registry.latest(model)
+        if latest is None:
+            return SyncResult(model, None, None, error=f"{self.settings.root}: model {model!r} has no LATEST")
+        dest = self.cache / model / latest
+        have = {c.version: c for c in self.cached(model)}
+        if latest in have:
+            return SyncResult(model, latest, have[latest])
+        if dest.exists():  # a folder without MANIFEST.json is not ours to trust: fetch it again
+            shutil.rmtree(dest)
+        reuse = [c.folder for c in have.values()]
+        started = time.monotonic()
+        self.registry.download(model, latest, dest, reuse=reuse, progress=progress)
+        log.info("model %s: version %s downloaded and verified in %.1fs", model, latest, time.monotonic() - started)
+        return SyncResult(model, latest, Cached(model, latest, dest), downloaded=True)
+
+    def sync_once(self, *, progress: bool = False, protect: dict[str, str] | None = None) -> list[SyncResult]:
+        """One pass over every model; a failure of one model (unreachable, verification) does not stop the others."""
+        try:
+            models = self.models()
+        except Exception as e:  # unreachable bucket: nothing to compare against; the caller decides what that means
+            log.error("registry %s: cannot list models: %s: %s", self.settings.root, type(e).__name__, e)
+            return [SyncResult("*", None, None, error=f"cannot list models in {self.settings.root}: {e}")]
+        results = []
+        for model in models:
+            try:
+                result = self.sync_model(model, progress=progress)
+            except Exception as e:  # unreachable bucket, failed verification, bad manifest: this model waits, others go on
+                log.error("model %s: sync failed: %s: %s", model, type(e).__name__, e)
+                result = SyncResult(model, None, None, error=str(e))
+            if result.cached is not None:
+                keep = {result.latest} | ({protect[model]} if protect and model in protect else set())
+                self.prune(model, keep)
+            results.append(result)
+        return results
+
+
+def main(argv: list[str]) -> int:
+    """One sync pass (bucket registry -> verified local cache), then exit: for boot scripts and init containers.
+    Exit 0 when every model's LATEST is cached, 1 when one failed (unreachable, verification), 2 on a usage mistake."""
+    from serving import settings as node_settings
+
+    p = argparse.ArgumentParser(prog="textmill sync", description=main.__doc__)
+    node_settings.add_arguments(p, server=False)
+    settings = node_settings.load(p.parse_args(argv))
+    syncer = Syncer(settings)
+    results = syncer.sync_once(progress=True)
+    if not results:
+        raise UserError(f"{settings.root}: no models in the registry (publish one with `textmill publish`)")
+    for r in results:
+        state = "error: " + r.error if r.error else ("downloaded" if r.downloaded else "up to date")
+        print(f"{r.model}: {r.latest or '-'} {state}")
+    return 1 if any(r.error for r in results) else 0

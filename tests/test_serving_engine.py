@@ -1,0 +1,162 @@
+"""The generation engine in-process on a tiny model: sampling rules, stop strings, batching invariance, hot swap."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from serving.batcher import Retired
+from serving.engine import Engine, EngineOptions
+from serving.generation import Generation
+from serving.sampling import SamplingParams, TextTracker, sample
+
+MODEL = "tiny"
+
+
+def engine_with(export, version="v1", **opts) -> Engine:
+    engine = Engine(EngineOptions(device="cpu", **opts))
+    assert engine.swap(MODEL, version, export, {"files": []})
+    return engine
+
+
+def run(engine: Engine, prompt: str, **params):
+    worker = engine.worker(MODEL)
+    gen = engine.submit(worker, prompt, worker.encode(prompt), SamplingParams(**params))
+    assert gen.wait(30)
+    return gen
+
+
+def test_sampling_rules():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, SamplingParams(top_k=1), g) for _ in range(20)} == {1}
+    assert {sample(logits, SamplingParams(top_p=0.5), g) for _ in range(20)} == {1}  # p(1) > 0.5 alone
+    picks = {sample(logits, SamplingParams(top_k=2), g) for _ in range(200)}
+    assert picks == {1, 2}
+
+
+class CharTokenizer:
+    """One token per character: enough to drive TextTracker's hold-back logic exactly."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_string_split_across_tokens_is_held_back():
+    tracker = TextTracker(CharTokenizer(), ("END",))
+    out = [tracker.push(ord(c)) for c in "abcEN"]
+    assert "".join(d for d, _ in out) == "abc"  # "EN" may start the stop string: held back
+    delta, stopped = tracker.push(ord("D"))
+    assert stopped and delta == "" and tracker.text == "abc"
+    tracker = TextTracker(CharTokenizer(), ("END",))
+    for c in "xEN":
+        tracker.push(ord(c))
+    delta, stopped = tracker.push(ord("o"))
+    assert not stopped and delta == "ENo"  # it was not the stop string after all
+
+
+def test_same_text_alone_or_batched_and_greedy_is_top_k_1(tiny_export):
+    engine = engine_with(tiny_export, max_batch_size=8)
+    try:
+        worker = engine.worker(MODEL)
+
+        def gen(prompt: str, **params) -> Generation:
+            return Generation(prompt, MODEL, "v1", prompt, worker.encode(prompt), SamplingParams(**params))
+
+        alone = gen("The quick", max_tokens=24, seed=3)
+        worker.run_batch([alone])
+        # one batch of four: different prompt lengths (left padding), lengths, and sampling settings
+        batch = [gen("Once upon a time there was", max_tokens=30, seed=1, top_p=0.9),
+                 gen("The quick", max_tokens=24, seed=3),
+                 gen("A", max_tokens=5, temperature=0.0),
+                 gen("This package provides a small library", max_tokens=28, seed=3, top_k=20)]
+        worker.run_batch(batch)
+        assert batch[1].text == alone.text and batch[1].tokens == alone.tokens == 24
+        assert [g.tokens for g in batch] == [30, 24, 5, 28] or any(g.finish_reason == "stop" for g in batch)
+        greedy = run(engine, "Serving", max_tokens=12, temperature=0.0).text
+        assert run(engine, "Serving", max_tokens=12, top_k=1, seed=9).text == greedy
+    finally:
+        engine.close()
+
+
+def test_late_arrivals_join_a_running_batch_with_unchanged_text(tiny_export, monkeypatch):
+    monkeypatch.setenv("TEXTMILL_TEST_STEP_DELAY", "0.01")
+    engine = engine_with(tiny_export, max_batch_size=8)
+    try:
+        worker = engine.worker(MODEL)
+        long = run_async(engine, "A long one", max_tokens=80, seed=1)
+        time.sleep(0.15)  # the long generation is decoding now
+        prompts = ["The quick", "Once upon a time there was a little", "B"]
+        joined = [run_async(engine, p, max_tokens=6, seed=2, stop=("\x00join",)) for p in prompts]
+        for g in joined:
+            assert g.wait(30) and g.tokens == 6
+        assert not long.finished  # the short ones did not wait for the long one to end
+        assert long.wait(30) and long.finish_reason in ("length", "stop")
+        for p, g in zip(prompts, joined):
+            alone = Generation(p, MODEL, "v1", p, worker.encode(p), SamplingParams(max_tokens=6, seed=2))
+            worker.run_batch([alone])
+            assert alone.text == g.text
+    finally:
+        engine.close()
+
+
+def run_async(engine: Engine, prompt: str, **params) -> Generation:
+    worker = engine.worker(MODEL)
+    return engine.submit(worker, prompt, worker.encode(prompt), SamplingParams(**params))
+
+
+def test_hot_swap_finishes_in_flight_on_the_old_version(tiny_export, tiny_export_factory, monkeypatch):
+    monkeypatch.setenv("TEXTMILL_TEST_STEP_DELAY", "0.01")
+    engine = engine_with(tiny_export, "v1")
+    monkeypatch.delenv("TEXTMILL_TEST_STEP_DELAY")
+    try:
+        old = engine.worker(MODEL)
+        long = run_async(engine, "long", max_tokens=60)
+        assert engine.swap(MODEL, "v2", tiny_export_factory(1), {"files": []})
+        assert long.version == "v1" and not long.finished  # still running on v1
+        new = run(engine, "after", max_tokens=4)
+        assert new.version == "v2"
+        assert long.wait(30) and long.finish_reason == "length" and long.tokens == 60
+        old.join(10)
+        assert old.model is None  # the old version's weights were released after its last request
+        assert engine.worker(MODEL).version == "v2"
+        with pytest.raises(Retired):  # nothing can queue behind the retired worker's stop marker
+            old.submit(Generation("late", MODEL, "v1", "late", [1], SamplingParams()))
+    finally:
+        engine.close()
+
+
+def test_node_falls_back_to_a_cached_version_when_latest_will_not_load(tiny_export, tmp_path):
+    from serving.daemon import Node
+    from serving.metrics import Metrics
+    from serving.sync import Syncer
+    from textmill.config import ServingConfig
+    from textmill.registry import Registry
+
+    root, settings = str(tmp_path / "bucket"), ServingConfig(root=str(tmp_path / "bucket"), cache_dir=str(tmp_path / "c"))
+    publish = lambda folder: Registry(root).publish(MODEL, folder, metrics={"val_loss": 1.0}, provenance={},  # noqa: E731
+                                                    progress=False, force=True).version
+    good = publish(tiny_export)
+    first = Node(settings, Engine(EngineOptions(device="cpu")), Syncer(settings), Metrics())
+    first.initial()
+    assert first.engine.worker(MODEL).version == good
+    first.engine.close()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_export.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    bad = publish(broken)
+    metrics = Metrics()
+    restarted = Node(settings, Engine(EngineOptions(device="cpu"), metrics), Syncer(settings), metrics)
+    restarted.initial()  # LATEST (bad) is downloaded and verified, fails to load: the cached good one serves
+    try:
+        assert restarted.engine.worker(MODEL).version == good
+        assert bad in restarted.engine.failed[MODEL]
+        assert restarted.expected == [MODEL] and restarted.engine.probe(MODEL)
+    finally:
+        restarted.engine.close()
