@@ -2,7 +2,9 @@
 
 Each measurement runs in a fresh subprocess so `ru_maxrss` is that job's own peak. Both jobs import the same libraries
 (TF for reading, torch + transformers for writing) before the clock starts, and report the RSS after imports so the
-memory the conversion itself adds can be compared with the model's size. Prints one JSON object.
+memory the conversion itself adds can be compared with the model's size. A third job times one sha256 pass over the data
+file, the floor of each provenance checksum. Each job runs --repeat times; the median run is reported, with every run's
+wall and CPU seconds. Prints one JSON object.
 
     .venv/bin/python bench/convert_bench.py [--size 355M] [--keep DIR]
 """
@@ -22,23 +24,28 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Child jobs: print {"seconds", "rss_imports", "rss_peak"} (bytes; ru_maxrss is KiB on Linux).
+# Child jobs: print {"seconds", "cpu_s", "rss_imports", "rss_peak"} (bytes; ru_maxrss is KiB on Linux). cpu_s is the
+# job's user+sys time over all its threads: unlike wall time it does not grow when other work shares the two cores.
 CHILD = r"""
-import json, resource, sys, time
+import hashlib, json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import tensorflow, torch, transformers  # same imports in both jobs
 from training.tf import checkpoint
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 job, src, dst = sys.argv[2], sys.argv[3], sys.argv[4]
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), os.times()
 if job == "read":
     n = sum(v.nbytes for _, v in checkpoint.iter_tensors(src + "/model.ckpt"))
+elif job == "sha256":  # one sha256 pass over the data file: what each provenance checksum costs at least
+    with open(src + "/model.ckpt.data-00000-of-00001", "rb") as f:
+        hashlib.file_digest(f, "sha256")
 else:
     from convert.sources import resolve
     from convert.tf_to_hf import convert
     convert(resolve(src), dst, dtype=job.split(":")[1])
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "rss_imports": rss_imports,
+seconds, c1 = time.perf_counter() - t0, os.times()
+cpu_s = c1.user - c0.user + c1.system - c0.system
+print(json.dumps({"seconds": seconds, "cpu_s": cpu_s, "rss_imports": rss_imports,
                   "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -85,14 +92,14 @@ def child(job: str, src: Path, dst: Path) -> dict:
     return result
 
 
-def best_of(repeat: int, job: str, src: Path, dst: Path) -> dict:
-    """The fastest of `repeat` runs (the VM's 2 cores are shared: the minimum is the least disturbed one)."""
+def median_of(repeat: int, job: str, src: Path, dst: Path) -> dict:
+    """The median run of `repeat` (by wall time), with every run's wall and CPU seconds (the VM's 2 cores are shared)."""
     runs = []
     for _ in range(repeat):
         shutil.rmtree(dst, ignore_errors=True)
         runs.append(child(job, src, dst))
-    best = min(runs, key=lambda r: r["seconds"])
-    return {**best, "runs_s": [round(r["seconds"], 3) for r in runs]}
+    median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return {**median, "runs_s": [round(r["seconds"], 3) for r in runs], "runs_cpu_s": [round(r["cpu_s"], 3) for r in runs]}
 
 
 def main() -> None:
@@ -114,15 +121,17 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             make_s = json.loads(out.stdout.strip().splitlines()[-1])[1]
         ckpt_bytes = sum(f.stat().st_size for f in src.glob("model.ckpt.*"))
-        results = {"read_only": best_of(args.repeat, "read", src, work / "unused")}
+        results = {"read_only": median_of(args.repeat, "read", src, work / "unused"),
+                   "sha256_data_file": median_of(args.repeat, "sha256", src, work / "unused")}
         for dtype in ("float32", "float16"):
             dst = work / f"export-{dtype}"
-            results[f"convert_{dtype}"] = best_of(args.repeat, f"convert:{dtype}", src, dst)
+            results[f"convert_{dtype}"] = median_of(args.repeat, f"convert:{dtype}", src, dst)
             results[f"convert_{dtype}"]["output_bytes"] = (dst / "model.safetensors").stat().st_size
         read_s = results["read_only"]["seconds"]
         for r in results.values():
             r["rss_added_over_checkpoint"] = round((r["rss_peak"] - r["rss_imports"]) / ckpt_bytes, 3)
             r["time_over_read"] = round(r["seconds"] / read_s, 2)
+            r["cpu_over_read_cpu"] = round(r["cpu_s"] / results["read_only"]["cpu_s"], 2)
         print(json.dumps({"bench": "convert", "size": args.size, "checkpoint_bytes": ckpt_bytes,
                           "make_checkpoint_s": make_s, "machine": f"{platform.machine()} {os.cpu_count()} cores",
                           "load_avg_1m": os.getloadavg()[0], **results}, indent=2))

@@ -19,7 +19,8 @@ def _convert_tf(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str
     from convert.tf_to_hf import convert
 
     src = resolve(src_path, args.step)
-    return convert(src, dst, dtype=args.dtype, verify=args.verify, tokens_dir=args.tokens)
+    return convert(src, dst, dtype=args.dtype, verify=args.verify, tokens_dir=args.tokens,
+                   hash_source=args.hash_source)
 
 
 def _convert_torch_run(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare TF and transformers logits/greedy text and both tokenizers; fail on any difference")
     p.add_argument("--tokens", type=Path, default=None,
                    help="token dataset folder (data/tokens/<model>): --verify checks the tokenizer on decoded val.bin")
+    p.add_argument("--hash-source", action="store_true",
+                   help="also sha256 the checkpoint's .data files for provenance (default: the .index, whose per-tensor "
+                        "CRC32C TF verifies on every read)")
     return p
 
 

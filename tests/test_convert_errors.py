@@ -11,6 +11,7 @@ import pytest
 from convert.cli import main as convert_main
 from textmill import tokenizer as textmill_tok
 from textmill.errors import UserError
+from textmill.storage import sha256_file as textmill_sha256
 from tests.fixtures.checkpoints import (random_weights, tiny_hparams, tiny_tokenizer, write_openai_release,
                                         write_tokens)
 
@@ -42,6 +43,28 @@ def test_truncated_data_file(release):
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     convert_fails(release, r"model\.ckpt\.data-00000-of-00001: cannot read variable .*truncated or corrupt", "--verify")
 
+
+
+def test_flipped_byte_in_data_file_fails_on_crc(release):
+    # Same size, one bit changed: only the per-tensor CRC32C in the .index can catch it, and TF checks it on every read.
+    data = release / "model.ckpt.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    convert_fails(release, r"model\.ckpt\.data-00000-of-00001: cannot read variable .*truncated or corrupt")
+
+
+def test_provenance_says_how_source_data_was_checked(pristine, tmp_path):
+    src = Path(shutil.copytree(pristine, tmp_path / "src"))
+    convert_main([str(src), str(tmp_path / "fast")])
+    convert_main([str(src), str(tmp_path / "full"), "--hash-source"])
+    fast = json.loads((tmp_path / "fast/textmill.json").read_text())["source"]
+    full = json.loads((tmp_path / "full/textmill.json").read_text())["source"]
+    assert "model.ckpt.index" in fast["files"] and "model.ckpt.data-00000-of-00001" not in fast["files"]
+    assert not fast["data_sha256"] and "CRC32C" in fast["data_integrity"]
+    assert fast["data_sizes"]["model.ckpt.data-00000-of-00001"] == (src / "model.ckpt.data-00000-of-00001").stat().st_size
+    assert full["data_sha256"] and full["files"]["model.ckpt.data-00000-of-00001"] == \
+        textmill_sha256(src / "model.ckpt.data-00000-of-00001")
 
 def test_missing_index(release):
     (release / "model.ckpt.index").unlink()
