@@ -164,7 +164,7 @@ def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
 
 
 def run_adhoc(args: argparse.Namespace) -> dict:
-    cfg = tconfig.from_container(tconfig.OmegaConf.from_dotlist(list(args.set)))
+    cfg = tconfig.from_container(tconfig.OmegaConf.from_dotlist(list(args.overrides)))
     corpus = CorpusConfig(format=args.format, text=args.text, id=args.id, split=args.split, encoding=args.encoding,
                           lang=[x for v in args.lang for x in v.split(",") if x], min_chars=args.min_chars,
                           required=list(args.required))
@@ -182,8 +182,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     defaults = CorpusConfig()
     p = argparse.ArgumentParser(prog="textmill clean", description=__doc__.split("\n")[0])
     p.add_argument("corpus", nargs="?", help="configured corpus name (configs/corpus/<name>.yaml)")
-    p.add_argument("--params", default=str(tconfig.DEFAULT_PARAMS))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. clean.workers=1")
+    tconfig.add_cli_arguments(p, "clean.workers=1")
     adhoc = p.add_argument_group("ad hoc (no config file): --raw PATH... --out DIR")
     adhoc.add_argument("--raw", nargs="+", help="files or folders, one corpus (dedup across them, first kept)")
     adhoc.add_argument("--out", help="output folder: docs.jsonl, rejected.jsonl, report.json")
@@ -207,7 +206,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    report = run_adhoc(args) if args.raw else run_configured(args.corpus, args.params, args.set)
+    report = run_adhoc(args) if args.raw else run_configured(args.corpus, args.params, args.overrides)
     print(f"{report['corpus']}: {report['docs_in']} docs in, {report['docs_out']} kept; drops {report['drops']}; "
           f"fixes {report['fixes']}", file=sys.stderr)
     return 0

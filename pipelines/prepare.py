@@ -197,12 +197,10 @@ def _meta(cfg, model: str, corpora: list[str], tok, dtype: np.dtype, report: Rep
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="textmill prepare", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a model name from `models:` in the config")
-    p.add_argument("--params", default=str(config_mod.DEFAULT_PARAMS), help="params file (default params.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set prepare.val_fraction=0.1")
+    config_mod.add_cli_arguments(p, "prepare.val_fraction=0.1")
     p.add_argument("--out", type=Path, help="output folder (default {paths.tokens}/<model>)")
     args = p.parse_args(argv)
-    cfg = config_mod.load(args.params, args.overrides)
+    cfg = config_mod.from_args(args)
     dest = prepare(cfg, args.model, args.out)
     print(f"prepare {args.model}: {dest}")
     return 0

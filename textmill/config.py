@@ -7,6 +7,7 @@ its own section; add a field here (with a default and a comment) and in the matc
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,18 @@ def write_params(path: Path = DEFAULT_PARAMS, overrides: list[str] | None = None
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def add_cli_arguments(p: "argparse.ArgumentParser", example: str = "training.steps=50") -> None:
+    """The two options every stage verb takes: which params file, and `--set key=value` overrides on top of it."""
+    p.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key, repeatable (e.g. --set {example})")
+
+
+def from_args(args: "argparse.Namespace") -> Config:
+    """The validated config for a verb parsed with `add_cli_arguments`."""
+    return load(args.params, args.overrides)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

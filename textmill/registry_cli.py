@@ -21,14 +21,12 @@ DVC_LOCK = Path("dvc.lock")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", help="registry URI (gs://bucket/prefix or a folder); default: publish.root from params")
-    p.add_argument("--params", default=str(tm_config.DEFAULT_PARAMS), help="params file (default params.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set publish.tolerance=0.1)")
+    tm_config.add_cli_arguments(p, "publish.tolerance=0.1")
 
 
 def _root(args: argparse.Namespace, explicit: str | None = None) -> str:
     root = explicit or args.root
-    return root if root else tm_config.load(args.params, args.overrides).publish.root
+    return root if root else tm_config.from_args(args).publish.root
 
 
 # ---------------------------------------------------------------------------------------------------------------- publish
@@ -90,7 +88,7 @@ def publish_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true")
     _common(p)
     args = p.parse_args(argv)
-    cfg = tm_config.load(args.params, args.overrides)
+    cfg = tm_config.from_args(args)
     cfg.model_spec(args.model)  # an unknown model name fails first, naming the configured ones
     export = Path(cfg.paths.export) / args.model
     eval_report = Path(cfg.paths.reports) / "eval" / f"{args.model}.json"

@@ -162,12 +162,10 @@ def make_base(cfg: config_mod.Config, model: str, out: Path | None = None, *, sh
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="textmill base", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a model name from `models:` in the config")
-    p.add_argument("--params", default=str(config_mod.DEFAULT_PARAMS), help="params file (default params.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set base.init=fetch --set base.uri=gs://bucket/gpt2/124M")
+    config_mod.add_cli_arguments(p, "base.init=fetch --set base.uri=gs://bucket/gpt2/124M")
     p.add_argument("--out", type=Path, help="output folder (default {paths.base}/<model>)")
     args = p.parse_args(argv)
-    cfg = config_mod.load(args.params, args.overrides)
+    cfg = config_mod.from_args(args)
     dest = make_base(cfg, args.model, args.out)
     print(f"base {args.model}: {dest} ({cfg.base.init})")
     return 0

@@ -137,10 +137,9 @@ def evaluate(cfg: textmill_config.Config, name: str, *, compare: bool = True) ->
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="textmill evaluate", description=__doc__.splitlines()[0])
     p.add_argument("model", help="model name (a key of `models:` in the config)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    textmill_config.add_cli_arguments(p, "evaluate.batch_size=16")
     p.add_argument("--no-compare", action="store_true", help="do not require the trainer's val loss to match")
     args = p.parse_args(argv)
-    report = evaluate(textmill_config.load(args.params, args.set), args.model, compare=not args.no_compare)
+    report = evaluate(textmill_config.from_args(args), args.model, compare=not args.no_compare)
     print(json.dumps({k: report[k] for k in ("model", "step", "val_loss", "perplexity", "abs_diff", "tokens")}))
     return 0

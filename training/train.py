@@ -14,16 +14,14 @@ def main(argv: list[str]) -> int:
     """Train a model from models/base/<model>/ on data/tokens/<model>/ into models/runs/<model>/ (resumes if present)."""
     p = argparse.ArgumentParser(prog="textmill train", description=main.__doc__)
     p.add_argument("model", help="model name (a key of `models:` in params.yaml)")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set training.steps=50 (repeatable)")
+    config_mod.add_cli_arguments(p, "training.steps=50")
     p.add_argument("--restart", action="store_true",
                    help="delete an existing run folder for this model and start from the base checkpoint")
     p.add_argument("--restart-if-stale", action="store_true",
                    help="resume a run with the same settings and data, start over if they changed (what dvc.yaml uses)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
     args = p.parse_args(argv)
-    cfg = config_mod.load(args.params, args.overrides)
+    cfg = config_mod.from_args(args)
     cfg.model_spec(args.model)
     if cfg.training.backend == "pt":
         raise UserError("config key training.backend=pt: the PyTorch trainer is not built yet; use training.backend=tf")
