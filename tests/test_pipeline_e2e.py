@@ -86,3 +86,16 @@ def test_second_repro_is_a_no_op(repro):
     out = sh(["dvc", "repro"], root).stdout
     assert "didn't change" in out or "up to date" in out, out
     assert "Running stage" not in out
+
+
+def test_dvc_exp_run_recomposes_params_from_configs(repro):
+    # DVC's Hydra integration: `-S` overrides configs/ into params.yaml, then only the affected stages rerun.
+    root, *_ = repro
+    before = json.loads((root / "reports/clean/legal.json").read_text())
+    out = sh(["dvc", "exp", "run", "-S", "corpora.legal.min_chars=400", "clean@legal"], root).stdout
+    assert "Running stage 'clean@legal'" in out and "clean@abstracts" not in out
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["corpora"]["legal"]["min_chars"] == 400
+    after = json.loads((root / "reports/clean/legal.json").read_text())
+    assert after["docs_out"] < before["docs_out"]
+    assert after["drops"].get("too_short", 0) > before["drops"].get("too_short", 0)
