@@ -31,8 +31,14 @@ test: install
 serve: install
 	$(BIN)/textmill serve --root .bucket
 
+# Each prints JSON with the baseline side by side; figures are recorded in bench/RESULTS.md.
 bench: install
 	$(BIN)/python bench/clean_bench.py
+	$(BIN)/python bench/prepare_bench.py
+	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/convert_bench.py
+	$(BIN)/python bench/registry_bench.py
+	$(BIN)/python bench/serve_bench.py
 
 clean-venv:
 	rm -rf $(VENV)
