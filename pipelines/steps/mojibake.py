@@ -7,8 +7,12 @@ entities, line breaks and control characters are left to their own steps so each
 
 from __future__ import annotations
 
+import re
+
 import ftfy
 import ftfy.bad_codecs  # noqa: F401  registers "sloppy-windows-1252" (cp1252 with its 5 undefined bytes as C1 controls)
+
+from ftfy.badness import BADNESS_RE
 
 from pipelines.steps.base import Fixer
 
@@ -49,11 +53,27 @@ def _undo_cp1252(text: str) -> str | None:
     return fixed
 
 
+# ftfy.fix_text changes nothing (with CONFIG) when none of its segments is_bad() (ftfy's own mojibake regex, which also
+# matches C1 controls) and there are no surrogates: every other enabled fixer only acts on those. fix_text runs per line,
+# and the regex's only context-dependent piece is `^[ÃÂ][ ]` (start of a segment, i.e. of a line), checked separately.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_START = re.compile("^[ÃÂ] ", re.MULTILINE)
+
+
+def _ftfy_would_change(text: str) -> bool:
+    if len(text) > CONFIG.max_decode_length:  # ftfy also splits inside very long lines
+        return True
+    return bool(BADNESS_RE.search(text) or _SURROGATE.search(text) or _LINE_START.search(text))
+
+
 class Mojibake(Fixer):
     name = "mojibake"
 
     def fix(self, text: str) -> tuple[str, bool]:
         if text.isascii():  # nothing to repair; skips ftfy's per-call cost on most English text
             return text, False
-        new = _undo_cp1252(text) or ftfy.fix_text(text, CONFIG)
+        new = _undo_cp1252(text)
+        if new is None:
+            # One whole-text check instead of ftfy's per-line passes: ~90% of non-ASCII fields need no repair.
+            new = ftfy.fix_text(text, CONFIG) if _ftfy_would_change(text) else text
         return new, new != text

@@ -34,7 +34,8 @@ class Shingler:
         words = _WORD.findall(text.casefold())
         n = self.ngram
         grams = {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
-        m = self._template.copy()
+        m = self._template
+        m.clear()  # reused rather than copied per document: copy() cost as much as hashing the shingles
         m.update_batch([g.encode("utf-8") for g in grams])
         return m.hashvalues.copy()
 
