@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from textmill.errors import UserError
 from textmill.sizes import Hparams
+from textmill.storage import read_json
 
 INDEX, DATA = ".index", ".data-00000-of-00001"
 META_FILES = ("hparams.json", "encoder.json", "vocab.bpe")
@@ -127,13 +128,7 @@ def _folder_prefix(folder: Path, step: str) -> Path:
 
 
 def _read_state(folder: Path) -> dict[str, Any]:
-    path = folder / STATE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(folder / STATE_FILE, default={}, fix="the run's state file is corrupt; re-run `textmill train`")
 
 
 def _best_step(folder: Path, state: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from textmill import config as tm_config
 from textmill import storage
 from textmill.errors import UserError
 from textmill.registry import LATEST, Registry
+from textmill.storage import read_json
 
 DVC_LOCK = Path("dvc.lock")
 
@@ -59,12 +60,7 @@ def dvc_stage_hashes(lock: Path, model: str, corpora: list[str]) -> dict[str, di
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
-    if not path.exists():
-        raise UserError(f"{path}: {what} not found; {fix}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON in {what} ({e.msg}); {fix}") from None
+    return read_json(path, fix=f"{what}: {fix}")
 
 
 def provenance(cfg: tm_config.Config, model: str, export: Path) -> dict[str, Any]:

@@ -84,6 +84,24 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_REQUIRED = object()
+
+
+def read_json(path: str | os.PathLike, *, fix: str, default: Any = _REQUIRED) -> Any:
+    """Parse a JSON file. Missing: `default`, or a UserError saying `fix`; invalid: a UserError with the line and `fix`."""
+    from textmill.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        if default is _REQUIRED:
+            raise UserError(f"{path}: not found; {fix}")
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); {fix}") from None
+
+
 def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -19,13 +19,13 @@ where a causal model cannot let it influence the real positions before it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from textmill.errors import UserError
+from textmill.storage import read_json
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -35,12 +35,7 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 def load_meta(tokens_dir: str | Path) -> dict:
     """The token dataset's meta.json (dtype, vocab_size, eot_id, counts, tokenizer checksum, split rule)."""
     path = Path(tokens_dir) / META_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: no token dataset here; run `textmill prepare <model>` first")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rerun `textmill prepare`") from None
+    meta = read_json(path, fix="no token dataset here: run `textmill prepare <model>` first")
     if meta.get("dtype") not in DTYPES:
         raise UserError(f"{path}: dtype {meta.get('dtype')!r} is not one of {sorted(DTYPES)}; rerun `textmill prepare`")
     return meta

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from textmill import config as textmill_config
 from textmill.errors import UserError
-from textmill.storage import write_json_atomic, write_text_atomic
+from textmill.storage import read_json, write_json_atomic, write_text_atomic
 from training import data
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,7 @@ def val_loss(model, tokens: np.ndarray, n_ctx: int, batch_size: int) -> float:
 
 def train_report(path: Path) -> dict[str, Any]:
     """reports/train/<m>.json written by the trainer ({} when absent, e.g. a model converted from an OpenAI release)."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); re-run `textmill train`") from None
+    return read_json(path, default={}, fix="re-run `textmill train`")
 
 
 def trainer_val_loss(report: dict[str, Any], provenance: dict[str, Any], step: int | None) -> tuple[float | None, str]:

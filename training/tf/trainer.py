@@ -200,13 +200,7 @@ class RunState:
 
     @classmethod
     def read(cls, path: Path) -> dict | None:
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: corrupt run state ({e.msg}); delete the run folder or pass "
-                            f"--restart") from None
+        return storage.read_json(path, default=None, fix="corrupt run state: delete the run folder or pass --restart")
 
     def record_val(self, step: int, loss: float) -> bool:
         """Store a validation loss; True when it is a new best."""
