@@ -8,6 +8,7 @@ the parent takes results back in input order and decides duplicates, so output i
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import os
 import sys
@@ -85,8 +86,10 @@ def decide(stream: Iterable[Outcome], corpus: CorpusConfig, clean: CleanConfig, 
         tally.seen(doc)
         reason, excerpt = out.reason, out.excerpt
         if reason is None:
-            reason = exact.keep(doc) or (near.keep(doc) if near else None) or language.keep(doc)
+            reason = exact.keep(doc) or (near.find(doc) if near else None) or language.keep(doc)
             excerpt = doc.text[:clean_worker.EXCERPT_CHARS]
+            if reason is None and near:
+                near.add(doc)  # only kept documents make later ones near-duplicates
         if reason:
             tally.dropped(reason)
             writer.reject(doc, reason, excerpt)
@@ -102,8 +105,9 @@ def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: Clea
     start = time.perf_counter()
     settings = settings_for(corpus, clean)
     opts = ReadOptions(format=corpus.format, split=corpus.split, encoding=corpus.encoding, template=corpus.text,
-                       id_field=corpus.id)
-    workers = clean.workers or os.cpu_count() or 1
+                       id_field=corpus.id, required=tuple(corpus.required))
+    workers = clean.workers or len(os.sched_getaffinity(0))  # CPUs this process may use, not the host's
+    bytes_in = sum(p.stat().st_size for p, _ in files)
     with atomic_path(out_dir) as tmp:
         writer = CorpusWriter(tmp, clean.output_format)
         try:
@@ -115,7 +119,6 @@ def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: Clea
                             "check the files' content and the `format:`/`split:` settings")
         bytes_out = writer.docs_path.stat().st_size
     seconds = time.perf_counter() - start
-    bytes_in = sum(p.stat().st_size for p, _ in files)
     report = {
         "corpus": name, "detector": clean.detector, "files": len(files), "bytes_in": bytes_in, "bytes_out": bytes_out,
         "docs_in": tally.docs_in, "docs_out": tally.docs_out,
@@ -163,6 +166,20 @@ def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
     return files
 
 
+def _check_out(out: Path, raws: list[str]) -> Path:
+    """The output folder is replaced whole, so it must not overlap an input or hold anything but a previous clean."""
+    out = out.resolve()
+    for raw in raws:
+        src = Path(raw).resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise UserError(f"--out {out} overlaps --raw {src}; write the clean corpus to a separate folder "
+                            f"(e.g. data/clean/<name>); raw files are never written")
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in ("docs.jsonl", "docs.parquet")):
+        raise UserError(f"--out {out} is a non-empty folder that holds no clean corpus; it would be replaced whole: "
+                        f"choose a new or empty folder")
+    return out
+
+
 def run_adhoc(args: argparse.Namespace) -> dict:
     cfg = tconfig.from_container(tconfig.OmegaConf.from_dotlist(list(args.overrides)))
     corpus = CorpusConfig(format=args.format, text=args.text, id=args.id, split=args.split, encoding=args.encoding,
@@ -171,7 +188,7 @@ def run_adhoc(args: argparse.Namespace) -> dict:
     if args.detector:
         cfg.clean.detector = args.detector
         tconfig.validate(cfg)
-    out = Path(args.out)
+    out = _check_out(Path(args.out), args.raw)
     report, timings = clean_files(_adhoc_files(args.raw), corpus, cfg.clean, out, out.name)
     write_json_atomic(out / "report.json", report)
     log.info("cleaned %d -> %d docs in %.1f s", report["docs_in"], report["docs_out"], timings["seconds"])
@@ -196,7 +213,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     adhoc.add_argument("--min-chars", type=int, default=defaults.min_chars)
     adhoc.add_argument("--detector", choices=["langdetect", "fasttext"])
     args = p.parse_args(argv)
-    args.text = args.text.encode("utf-8").decode("unicode_escape") if "\\" in args.text else args.text
+    if "\\" in args.text:  # "\n" typed in a shell; latin-1 + backslashreplace keeps é, ’ and Cyrillic intact
+        args.text = codecs.decode(args.text.encode("latin-1", "backslashreplace"), "unicode_escape")
     if bool(args.corpus) == bool(args.raw):
         p.error("give a configured corpus name, or --raw PATH... --out DIR (not both)")
     if args.raw and not args.out:

@@ -35,15 +35,32 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# verb -> the pip extra that brings its dependencies (a serving node installs only textmill[serve]).
+EXTRAS = {"clean": "clean", "base": "tf", "train": "tf", "convert": "tf,torch", "evaluate": "torch", "sync": "serve",
+          "serve": "serve", "retrain": "pipeline"}
+OWN_PACKAGES = {"textmill", "pipelines", "training", "convert", "serving"}
+
+
 def run_verb(verb: str, argv: list[str]) -> int:
     target, _ = VERBS[verb]
     module, func = target.split(":")
-    return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    try:
+        entry = getattr(importlib.import_module(module), func)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in OWN_PACKAGES:
+            raise
+        extra = EXTRAS.get(verb, "all")
+        raise UserError(f"`textmill {verb}` needs the {e.name!r} package: pip install 'textmill[{extra}]'") from None
+    return int(entry(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=os.environ.get("TEXTMILL_LOG_LEVEL", "INFO"),
+    level = os.environ.get("TEXTMILL_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        print(f"textmill: TEXTMILL_LOG_LEVEL={level!r} is not a log level (DEBUG, INFO, WARNING, ERROR)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

@@ -221,6 +221,24 @@ def validate(cfg: Config) -> Config:
         raise UserError("config key base.uri is required when base.init=fetch (e.g. -S base.uri=gs://bucket/gpt2/355M)")
     if not 0.0 < cfg.prepare.val_fraction < 1.0:
         raise UserError(f"config key prepare.val_fraction={cfg.prepare.val_fraction} must be in (0, 1)")
+    try:
+        from textmill.sizes import from_name
+
+        from_name(cfg.model.size)
+    except ValueError as e:
+        raise UserError(f"config key model.size: {e}") from None
+    positive = {"model.n_ctx": cfg.model.n_ctx, "training.n_ctx": cfg.training.n_ctx, "clean.chunk_size":
+                cfg.clean.chunk_size, "clean.near_dup.num_perm": cfg.clean.near_dup.num_perm,
+                "clean.near_dup.ngram": cfg.clean.near_dup.ngram, "training.steps": cfg.training.steps,
+                "training.batch_size": cfg.training.batch_size, "training.grad_accum": cfg.training.grad_accum}
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise UserError(f"config key {key}={value} must be a positive integer")
+    if not 0.0 < cfg.clean.near_dup.threshold <= 1.0:
+        raise UserError(f"config key clean.near_dup.threshold={cfg.clean.near_dup.threshold} must be in (0, 1]")
+    for name, corpus in cfg.corpora.items():
+        if corpus.min_chars > corpus.max_chars:
+            raise UserError(f"config keys corpora.{name}.min_chars={corpus.min_chars} > max_chars={corpus.max_chars}")
     for name, spec in cfg.models.items():
         missing = [c for c in spec.corpora if c not in cfg.corpora]
         if missing:
@@ -269,10 +287,9 @@ def compose(overrides: list[str] | None = None, config_dir: Path = CONFIG_DIR) -
 def write_params(path: Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> None:
     """Regenerate params.yaml from configs/ (same content DVC's Hydra integration writes)."""
     cfg = compose(overrides)
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from textmill.storage import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def add_cli_arguments(p: "argparse.ArgumentParser", example: str = "training.steps=50") -> None:
@@ -293,7 +310,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """`textmill params [OVERRIDE...] [--check]`: write params.yaml from configs/, or check it is current."""
-    import argparse
 
     p = argparse.ArgumentParser(prog="textmill params", description=main.__doc__)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2-355M training=p100")

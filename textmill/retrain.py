@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 from textmill import config as C
 from textmill.errors import UserError
+from textmill.storage import read_json
 
 
 def _run(cmd: list[str]) -> None:
@@ -36,7 +36,8 @@ def retrain(params: Path, *, pull: bool, overrides: list[str], force_publish: bo
     receipts = {}
     for model in cfg.models:
         path = Path(cfg.paths.reports) / "publish" / f"{model}.json"
-        receipts[model] = json.loads(path.read_text()) if path.exists() else {"message": "not published"}
+        receipts[model] = read_json(path, default={"message": "not published"},
+                                    fix=f"re-run `textmill publish {model}`")
     return receipts
 
 

@@ -67,17 +67,17 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
 
     Readers never see a half-written file or folder. A folder `dest` that already exists is replaced whole.
     """
-    dest = Path(dest)
+    dest = Path(dest).absolute()  # `.` and `x/..` get a real name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     target = tmp / dest.name
     try:
         yield target
         if dest.is_dir() and not dest.is_symlink():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
+            # The old folder is parked inside this run's unique temp folder, so a run killed while deleting it leaves
+            # only a uniquely named `.<name>.*.tmp` behind, never a name the next run would collide with.
+            dest.rename(tmp / "old")
             target.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, dest)
     finally:

@@ -38,6 +38,12 @@ class ReadOptions:
     encoding: str = "auto"
     template: str = "{text}"
     id_field: Optional[str] = None
+    required: tuple[str, ...] = ()  # fields the empty check reads: columnar readers must load them too
+
+    def columns(self) -> list[str]:
+        """Every field a record needs: template placeholders, the id field and the required fields."""
+        return sorted(set(template_fields(self.template)) | ({self.id_field} if self.id_field else set())
+                      | set(self.required))
 
 
 def template_fields(template: str) -> list[str]:
@@ -78,8 +84,7 @@ def _sniff_json(text: IO[str]) -> str:
 def _parse(opener: Callable[[], IO[bytes]], label: str, fmt: str, opts: ReadOptions) -> Iterator[tuple[int, dict | Malformed]]:
     if fmt == "parquet":
         with opener() as raw:
-            columns = sorted(set(template_fields(opts.template)) | ({opts.id_field} if opts.id_field else set()))
-            yield from formats.read_parquet(raw, label, columns)
+            yield from formats.read_parquet(raw, label, opts.columns())
         return
     codec = encoding.detect(opener, label, opts.encoding)
     if fmt == "json":

@@ -46,12 +46,23 @@ class NearDedup(Filter):
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.kept: dict[int, LeanMinHash] = {}
 
-    def keep(self, doc: Doc) -> Optional[str]:
+    def find(self, doc: Doc) -> Optional[str]:
+        """"near_duplicate" if an indexed (kept) document is similar enough; does not index `doc`."""
         m = LeanMinHash(seed=SEED, hashvalues=doc.minhash, scheme=SCHEME)
         for key in self.lsh.query(m):
             if self.kept[key].jaccard(m) >= self.threshold:
                 return "near_duplicate"
+        return None
+
+    def add(self, doc: Doc) -> None:
+        """Index a document that was kept."""
+        m = LeanMinHash(seed=SEED, hashvalues=doc.minhash, scheme=SCHEME)
         key = len(self.kept)
         self.kept[key] = m
         self.lsh.insert(key, m, check_duplication=False)
-        return None
+
+    def keep(self, doc: Doc) -> Optional[str]:
+        reason = self.find(doc)
+        if reason is None:
+            self.add(doc)
+        return reason
