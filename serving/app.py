@@ -36,6 +36,8 @@ READY_MAX_AGE_S = 15.0     # /ready runs its own one-token forward pass when the
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER_S = "1"
 
+CHARS_PER_TOKEN_MAX = 64
+
 
 @dataclass
 class ServingState:
@@ -130,6 +132,17 @@ def _submit_job(state: ServingState, model: str, fields: GenerationFields) -> Jo
     except UnknownModel:
         raise ApiError(404, f"The model {model!r} does not exist; served models: {sorted(state.engine.models())}",
                        param="model", code="model_not_found") from None
+    # Tokenizing runs on the event loop: refuse what cannot fit before paying for it (natural text averages a few
+    # characters per token, so a prompt of more than 64 characters per context token cannot fit), and bound the fan-out.
+    if len(fields.prompts()) * fields.n > state.settings.max_queue:
+        raise ApiError(400, f"{len(fields.prompts())} prompts x n={fields.n} exceeds this server's queue of "
+                       f"{state.settings.max_queue}; send fewer prompts per request", param="prompt",
+                       code="too_many_prompts")
+    longest = max(len(p) for p in fields.prompts())
+    if longest > worker.n_ctx * CHARS_PER_TOKEN_MAX:
+        raise ApiError(400, f"This model's maximum context length is {worker.n_ctx} tokens; a prompt of {longest} "
+                       f"characters cannot fit. Please reduce the prompt.", param="prompt",
+                       code="context_length_exceeded", version=worker.version)
     ids = [worker.encode(p) or [worker.eot_id] for p in fields.prompts()]
     for prompt_ids in ids:
         if len(prompt_ids) + fields.max_tokens > worker.n_ctx:

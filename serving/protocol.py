@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 VERSION_HEADER = "X-Textmill-Model-Version"
 MAX_N = 16
+MAX_SEED = 2**63 - 1 - MAX_N  # torch.Generator.manual_seed takes an int64
 
 
 class StreamOptions(BaseModel):
@@ -28,18 +29,21 @@ class GenerationFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)  # torch seeds are int64; choice j of n uses seed + j
     n: int = Field(1, ge=1, le=MAX_N)
     # OpenAI fields this server does not implement: accepted only at their "off" value, never silently ignored
     echo: bool = False
     logprobs: Optional[int] = None
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
-    @field_validator("echo", "logprobs", "best_of", "suffix")
+    @field_validator("echo", "logprobs", "best_of", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
     @classmethod
     def _unsupported(cls, v, info):
-        if v not in (None, False, 0) and not (info.field_name == "best_of" and v == 1):
+        if v not in (None, False, 0, {}) and not (info.field_name == "best_of" and v == 1):
             raise ValueError(f"{info.field_name} is not supported by this server")
         return v
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Everything that decides one sequence's tokens; frozen so it can be part of the dedup/cache key."""
@@ -21,7 +24,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Next token id for one sequence from its last-position logits (1-D, vocab)."""
-    if params.temperature <= 0.0:
+    if params.temperature < MIN_TEMPERATURE:  # 0 = greedy; a tiny positive value would overflow logits / T to inf
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
     if 0 < params.top_k < logits.numel():

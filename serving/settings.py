@@ -82,13 +82,17 @@ def _dotlist(overrides: list[str]) -> dict[str, Any]:
 
 def load(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServingConfig:
     """Settings for this node from params.yaml + env + flags, validated."""
-    cfg = _base(args.params, list(args.overrides))
-    env_values = from_env(os.environ if env is None else env)
+    cfg = _base(args.params, [])
+    cfg = dataclasses.replace(cfg, **from_env(os.environ if env is None else env))
+    if args.overrides:  # --set beats the environment, as documented; the schema re-validates the merged values
+        _base(args.params, list(args.overrides))  # same checks and messages for the override keys themselves
+        merged = {**dataclasses.asdict(cfg), **_dotlist(list(args.overrides))}
+        cfg = tm_config.from_container({"serving": merged}).serving
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServingConfig)
              if getattr(args, f.name, None) is not None}
     if isinstance(flags.get("models"), str):
         flags["models"] = [m.strip() for m in flags["models"].split(",") if m.strip()]
-    cfg = dataclasses.replace(cfg, **{**env_values, **flags})
+    cfg = dataclasses.replace(cfg, **flags)
     return validate(cfg)
 
 
@@ -102,6 +106,10 @@ def validate(cfg: ServingConfig) -> ServingConfig:
             raise UserError(f"serving.{key}={getattr(cfg, key)} is too small")
     if cfg.poll_interval <= 0 or not 0 <= cfg.poll_jitter < 1:
         raise UserError("serving.poll_interval must be > 0 and serving.poll_jitter in [0, 1)")
+    from serving.protocol import MAX_SEED
+
+    if not 0 <= cfg.default_seed <= MAX_SEED:
+        raise UserError(f"serving.default_seed={cfg.default_seed} must be in [0, {MAX_SEED}]")
     if not cfg.root:
         raise UserError("no registry root: pass --root URI, set TEXTMILL_ROOT, or serving.root in params.yaml")
     return cfg

@@ -87,6 +87,20 @@ def test_gate_refuses_worse_loss_then_force_moves(registry_root, tmp_path):
     assert live in reg.versions("m")
 
 
+
+def test_force_after_refusal_moves_latest_to_the_same_upload(registry_root, tmp_path):
+    # What a user does after "refused ... pass --force": republish the same export with --force.
+    reg = Registry(registry_root)
+    live = publish(reg, make_export(tmp_path / "a", seed=1), 2.00).version
+    worse_export = make_export(tmp_path / "c", seed=3)
+    refused = publish(reg, worse_export, 2.30)
+    assert not refused.moved_latest and reg.latest("m") == live
+    again = publish(reg, worse_export, 2.30)  # still refused without --force, nothing uploaded twice
+    assert not again.moved_latest and reg.latest("m") == live
+    forced = publish(reg, worse_export, 2.30, force=True)
+    assert forced.moved_latest and forced.version == refused.version and reg.latest("m") == refused.version
+    assert reg.versions("m") == [live, refused.version]
+
 def test_corrupt_byte_in_registry_fails_download(registry_root, tmp_path):
     reg = Registry(registry_root)
     version = publish(reg, make_export(tmp_path / "export", seed=1), 2.0).version

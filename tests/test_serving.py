@@ -258,3 +258,29 @@ def test_serving_never_imports_tensorflow():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_values_that_would_break_a_shared_batch_are_refused_or_safe(server):
+    # Once, seed=2**70 overflowed torch's int64 seed inside the batch and failed every request batched with it.
+    big_seed = complete(server, prompt="The", max_tokens=2, seed=2**70)
+    assert big_seed.status_code == 422 and big_seed.json()["error"]["param"] == "seed"
+    # ... and a tiny temperature overflowed logits / T to inf; it is greedy now.
+    tiny_t = complete(server, prompt="The", max_tokens=4, temperature=1e-40)
+    greedy = complete(server, prompt="The", max_tokens=4, temperature=0)
+    assert tiny_t.status_code == 200 and tiny_t.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("field, value", [("logit_bias", {"50": 100}), ("presence_penalty", 1.0),
+                                          ("frequency_penalty", 0.5)])
+def test_unimplemented_openai_knobs_are_refused_not_ignored(server, field, value):
+    r = complete(server, prompt="The", max_tokens=2, **{field: value})
+    assert r.status_code == 422 and r.json()["error"]["param"] == field
+
+
+def test_oversized_prompts_are_refused_before_tokenizing(server):
+    start = time.perf_counter()
+    r = complete(server, prompt="word " * 2_000_000, max_tokens=2)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert time.perf_counter() - start < 5
+    many = complete(server, prompt=["a"] * (MAX_QUEUE + 1), max_tokens=1)
+    assert many.status_code == 400 and many.json()["error"]["code"] == "too_many_prompts"

@@ -112,3 +112,11 @@ def test_sync_cli_one_pass(registry_root, tiny_export, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"{MODEL}: {v1} downloaded" in done.stdout
     assert (tmp_path / "cache" / MODEL / v1 / MANIFEST).is_file()
+
+
+def test_set_overrides_beat_the_environment(tmp_path):
+    p = __import__("argparse").ArgumentParser()
+    node_settings.add_arguments(p, server=True)
+    args = p.parse_args(["--root", str(tmp_path), "--set", "serving.max_queue=5"])
+    assert node_settings.load(args, env={"TEXTMILL_MAX_QUEUE": "99"}).max_queue == 5
+    assert node_settings.load(p.parse_args(["--root", str(tmp_path)]), env={"TEXTMILL_MAX_QUEUE": "99"}).max_queue == 99

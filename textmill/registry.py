@@ -291,9 +291,12 @@ class Registry:
         same = [v for v in existing if v.endswith("-" + digest)]
         if same:
             live = self.latest(model)
-            where = "it is the live version" if live == same[-1] else f"the live version is {live}"
-            return PublishResult(same[-1], False, True, f"{model}: identical content is already published as "
-                                 f"{same[-1]} ({where}); nothing uploaded", None, new_loss, live)
+            if live == same[-1]:
+                return PublishResult(same[-1], False, True, f"{model}: identical content is already published as "
+                                     f"{same[-1]}, the live version; nothing uploaded", None, new_loss, live)
+            # Uploaded before but not live (the gate refused it, or it was rolled back): nothing to upload, but the
+            # gate (or --force) decides about LATEST again, so `publish --force` after a refusal does what it says.
+            return self._move_latest(model, same[-1], new_loss, force=force, tolerance=tolerance)
         created = _next_time(existing)
         version = make_version(created, entries)
         manifest = {"model": model, "version": version, "created": created.isoformat().replace("+00:00", "Z"),
