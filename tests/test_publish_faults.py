@@ -64,11 +64,10 @@ def test_killed_publisher_never_exposes_a_partial_version(registry_root, tmp_pat
     reg.download("m", live, tmp_path / "cache" / live)
     # A new publish of the same export after the crash completes and goes live.
     again = reg.publish("m", export, metrics={"val_loss": 1.0}, provenance={}, progress=False)
-    if die_after > EXPORT_FILES:  # MANIFEST was written: the version is complete, republishing is a no-op
-        assert again.noop and reg.latest("m") == live
-    else:
-        assert again.moved_latest and reg.latest("m") == again.version
-        reg.download("m", again.version, tmp_path / "cache" / again.version)
+    assert again.moved_latest and reg.latest("m") == again.version
+    if die_after > EXPORT_FILES:  # MANIFEST was written: the version is complete; only LATEST was left to move
+        assert again.version == others[0] and reg.versions("m") == [live, others[0]]
+    reg.download("m", again.version, tmp_path / "cache" / again.version)
 
 
 def test_latest_compare_and_set_against_a_real_second_publisher(registry_root, tmp_path):
