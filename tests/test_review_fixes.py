@@ -118,7 +118,8 @@ def test_atomic_path_survives_a_leftover_from_a_killed_run(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("model.size=tinyy", "model.size"), ("clean.near_dup.threshold=1.5", "clean.near_dup.threshold"),
     ("clean.chunk_size=0", "clean.chunk_size"), ("corpora.legal.min_chars=900000", "min_chars"),
-    ("model.n_ctx=0", "model.n_ctx")])
+    ("model.n_ctx=0", "model.n_ctx"), ("training.eval_interval=0", "training.eval_interval"),
+    ("training.checkpoint_interval=0", "training.checkpoint_interval"), ("training.warmup_steps=-1", "warmup_steps")])
 def test_bad_values_fail_at_the_edge_naming_the_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         C.load(REPO / "params.yaml", [override])

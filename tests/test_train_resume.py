@@ -81,8 +81,9 @@ MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from tests.test_train_tf import load_cfg
     from training.tf.trainer import train
+    precision = sys.argv[2] if len(sys.argv) > 2 else "float32"
     report = train(load_cfg(Path(sys.argv[1]), steps=4, batch_size=2, grad_accum=2, distribute="mirrored",
-                            eval_interval=2), "m", progress=False)
+                            eval_interval=2, precision=precision), "m", progress=False)
     print(json.dumps(report))
 """)
 
@@ -104,3 +105,14 @@ def test_two_replicas_under_mirrored_strategy_match_one_device(tmp_path):
     np.testing.assert_allclose([curve_two[s] for s in range(1, 5)], [curve_one[s] for s in range(1, 5)], atol=2e-5)
     for s in ("2", "4"):
         assert two["val_loss_by_step"][s] == pytest.approx(one["val_loss_by_step"][s], abs=2e-5)
+
+
+def test_mixed_float16_under_mirrored_strategy_trains(tmp_path):
+    # The P100 preset (fp16 + dynamic loss scaling) on several devices: the skip-on-overflow update must not use control
+    # flow around mirrored assigns (TF refuses that sync point inside tf.cond).
+    root = make_env(tmp_path)
+    done = subprocess.run([sys.executable, "-c", MIRRORED, str(root), "mixed_float16"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2 and report["final_step"] == 4 and np.isfinite(report["val_loss"])

@@ -135,6 +135,24 @@ def test_val_loss_is_the_shared_protocol(trained):
     assert data.mean_loss(losses) == pytest.approx(report["val_loss"], abs=1e-5)
 
 
+
+def test_val_loss_is_float32_whatever_the_training_precision(tmp_path):
+    # evaluate (transformers, float32) must reproduce the trainer's val loss to 1e-3; a bf16 eval was ~3e-3 off.
+    import tensorflow as tf
+
+    from training import data
+    from training.tf.model import load
+    from training.tf.trainer import train
+
+    root = make_env(tmp_path)
+    report = train(load_cfg(root, steps=4, eval_interval=4, checkpoint_interval=4, sample_interval=0,
+                            precision="bfloat16"), "m", progress=False)
+    model = load(root / "models/runs/m")  # float32 compute
+    val = data.open_tokens(root / "data/tokens/m", "val")
+    losses = ((tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model(x)).numpy(), w)
+              for x, y, w in data.eval_batches(val, 32, 3))
+    assert report["val_loss"] == pytest.approx(data.mean_loss(losses), abs=1e-5)
+
 def test_changed_settings_are_refused_then_restart_works(trained, capsys):
     from training.train import main
 
@@ -180,3 +198,17 @@ def test_best_checkpoint_survives_max_to_keep_and_early_stopping(tmp_path):
     run = root / "models/runs/m"
     assert sorted(p.name for p in run.glob("*.index")) == ["model-10.index", "model-25.index"]
     assert json.loads((run / "textmill_state.json").read_text())["kept"] == ["model-10", "model-25"]
+
+
+def test_fingerprint_changes_with_the_base_weights(tmp_path):
+    # Pointing base.uri at another checkpoint of the same size must not "resume" the old run under dvc repro.
+    from training.tf import checkpoint
+    from training.tf.trainer import fingerprint
+
+    root = make_env(tmp_path)
+    cfg = load_cfg(root)
+    meta, base = root / "data/tokens/m/meta.json", root / "models/base/m/model.ckpt.index"
+    before = fingerprint(HP, cfg.training, 32, 1, meta, base)
+    assert fingerprint(HP, cfg.training, 32, 1, meta, base) == before
+    checkpoint.save(dict(weights.init_numpy(HP, 99)), root / "models/base/m/model.ckpt")  # other weights, same shapes
+    assert fingerprint(HP, cfg.training, 32, 1, meta, base) != before

@@ -230,10 +230,15 @@ def validate(cfg: Config) -> Config:
     positive = {"model.n_ctx": cfg.model.n_ctx, "training.n_ctx": cfg.training.n_ctx, "clean.chunk_size":
                 cfg.clean.chunk_size, "clean.near_dup.num_perm": cfg.clean.near_dup.num_perm,
                 "clean.near_dup.ngram": cfg.clean.near_dup.ngram, "training.steps": cfg.training.steps,
-                "training.batch_size": cfg.training.batch_size, "training.grad_accum": cfg.training.grad_accum}
+                "training.batch_size": cfg.training.batch_size, "training.grad_accum": cfg.training.grad_accum,
+                "training.eval_interval": cfg.training.eval_interval, "training.max_to_keep": cfg.training.max_to_keep,
+                "training.checkpoint_interval": cfg.training.checkpoint_interval}
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"config key {key}={value} must be a positive integer")
+    for key in ("sample_interval", "warmup_steps", "early_stopping_patience"):
+        if getattr(cfg.training, key) < 0:
+            raise UserError(f"config key training.{key}={getattr(cfg.training, key)} must be >= 0")
     if not 0.0 < cfg.clean.near_dup.threshold <= 1.0:
         raise UserError(f"config key clean.near_dup.threshold={cfg.clean.near_dup.threshold} must be in (0, 1]")
     for name, corpus in cfg.corpora.items():

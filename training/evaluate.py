@@ -34,7 +34,7 @@ def load_export(export_dir: Path):
     if not (export_dir / "config.json").is_file():
         raise UserError(f"{export_dir}: no exported model here; run `textmill convert` (dvc repro -s convert) first")
     provenance_path = export_dir / "textmill.json"
-    provenance = json.loads(provenance_path.read_text(encoding="utf-8")) if provenance_path.is_file() else {}
+    provenance = read_json(provenance_path, default={}, fix="re-run `textmill convert`")
     model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(export_dir), provenance
 

@@ -8,10 +8,11 @@ hold the -1e10 mask, and a softmax over 50k logits in float16 loses the small pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -89,6 +90,16 @@ class GPT2(tf.Module):
                                 f"{tuple(var.shape)} for hparams {self.hp.to_json()}; check hparams.json")
         for name, var in self.variables_by_name.items():
             var.assign(np.asarray(weights_by_name[name], np.float32))
+
+    @contextlib.contextmanager
+    def computing_in(self, dtype: str) -> Iterator[None]:
+        """Trace the code inside with another compute dtype (the variables stay float32): validation runs in float32
+        whatever the training precision, so `textmill evaluate` (transformers, float32) reproduces it."""
+        saved, self.compute_dtype = self.compute_dtype, tf.as_dtype(dtype)
+        try:
+            yield
+        finally:
+            self.compute_dtype = saved
 
     def _w(self, name: str) -> tf.Tensor:
         return tf.cast(self.variables_by_name[name], self.compute_dtype)

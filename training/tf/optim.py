@@ -84,27 +84,31 @@ class AdamW:
         if self.loss_scaling:
             # Overflowed float16 gradients: skip this update, halve the scale; grow it after a run of good steps.
             self._update_scale(finite)
-            tf.cond(finite, lambda: self._update(grads, norm, lr), lambda: tf.identity(self.skipped.assign_add(1)))
-        else:
-            self._update(grads, norm, lr)
+        # A non-finite gradient (fp16 overflow, or a bad batch in any precision) skips the update instead of writing NaN
+        # weights. Selected with tf.where, not tf.cond: under MirroredStrategy an assign inside control flow is a
+        # cross-replica sync point TF refuses.
+        self._update(grads, norm, lr, finite)
+        self.skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         # The step always advances (it is the data position and the schedule's clock), even when an update was skipped.
         self.step.assign_add(1)
         return {"lr": lr, "grad_norm": norm}
 
-    def _update(self, grads: list[tf.Tensor], norm: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
+    def _update(self, grads: list[tf.Tensor], norm: tf.Tensor, lr: tf.Tensor, finite: tf.Tensor) -> None:
         if self.clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm, use_norm=norm)
+            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm, use_norm=tf.where(finite, norm, 1.0))
         t = tf.cast(self.step - self.skipped + 1, tf.float32)  # updates actually applied, for Adam's bias correction
         c1, c2 = 1.0 - tf.pow(self.beta1, t), 1.0 - tf.pow(self.beta2, t)
         for (name, var), g in zip(self.params.items(), grads):
             m, v = self.m[name], self.v[name]
-            m.assign(self.beta1 * m + (1.0 - self.beta1) * g)
-            v.assign(self.beta2 * v + (1.0 - self.beta2) * tf.square(g))
-            update = (m / c1) / (tf.sqrt(v / c2) + self.eps)
+            g = tf.where(finite, g, tf.zeros_like(g))  # keep inf/NaN out of the arithmetic below
+            new_m = self.beta1 * m + (1.0 - self.beta1) * g
+            new_v = self.beta2 * v + (1.0 - self.beta2) * tf.square(g)
+            update = (new_m / c1) / (tf.sqrt(new_v / c2) + self.eps)
             if self.weight_decay and self.decays(name, var):
                 update += self.weight_decay * var
-            var.assign_sub(lr * update)
-        return tf.identity(self.skipped)  # both tf.cond branches must return the same structure
+            m.assign(tf.where(finite, new_m, m))
+            v.assign(tf.where(finite, new_v, v))
+            var.assign_sub(tf.where(finite, lr * update, tf.zeros_like(update)))
 
     def _update_scale(self, finite: tf.Tensor) -> None:
         grow = tf.logical_and(finite, self.good_steps + 1 >= self.growth_interval)

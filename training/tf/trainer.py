@@ -65,11 +65,13 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy(devices, cross_device_ops=None if gpus else tf.distribute.ReductionToOneDevice())
 
 
-def fingerprint(hp: Hparams, tc: TrainingConfig, n_ctx: int, replicas: int, meta_path: Path) -> str:
-    """What makes two runs the same trajectory: model shape, training settings, the data (by meta.json's checksum)."""
+def fingerprint(hp: Hparams, tc: TrainingConfig, n_ctx: int, replicas: int, meta_path: Path, base_index: Path) -> str:
+    """What makes two runs the same trajectory: model shape, training settings, the data (by meta.json's checksum) and
+    the starting weights (by the base checkpoint's .index, which holds every tensor's CRC32C)."""
     training = {k: v for k, v in to_dict(Config(training=tc))["training"].items() if k not in OBSERVATIONAL}
     blob = json.dumps({"hparams": hp.to_json(), "training": training, "n_ctx": n_ctx, "replicas": replicas,
-                       "tokens_meta_sha256": storage.sha256_file(meta_path)}, sort_keys=True)
+                       "tokens_meta_sha256": storage.sha256_file(meta_path),
+                       "base_index_sha256": storage.sha256_file(base_index)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -134,7 +136,8 @@ class Trainer:
         return {k: float(self.strategy.experimental_local_results(v)[0]) for k, v in out.items()}
 
     def _token_losses(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=self.model(x))
+        with self.model.computing_in("float32"):
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=self.model(x))
 
     def val_loss(self, tokens: np.ndarray) -> float:
         """THE validation protocol (training.data): mean token cross-entropy over the whole val split."""
@@ -251,7 +254,8 @@ class Session:
         self.n_ctx = self._check_shapes()
         self.strategy = make_strategy(self.tc.distribute)
         replicas = self.strategy.num_replicas_in_sync
-        fp = fingerprint(self.hp, self.tc, self.n_ctx, replicas, self.paths.tokens / data.META_FILE)
+        base_index = Path(f"{checkpoint.resolve_prefix(self.paths.base)}.index")
+        fp = fingerprint(self.hp, self.tc, self.n_ctx, replicas, self.paths.tokens / data.META_FILE, base_index)
         self.state, self.resuming = open_run(self.paths, fp, self.tc.seed, restart, restart_if_stale)
         self.trainer = Trainer(self.hp, self.tc, self.n_ctx, self.strategy)
         if self.resuming:
