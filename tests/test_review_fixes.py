@@ -137,3 +137,13 @@ def test_missing_extra_names_the_pip_extra(tmp_path):
     r = subprocess.run([sys.executable, "-m", "textmill.cli", "clean", "x"], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
     assert r.returncode == 2 and "pip install 'textmill[clean]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_json_array_elements_larger_than_the_read_block(tmp_path):
+    import io
+
+    from pipelines.readers.formats import JSON_BLOCK, read_json_array
+
+    items = [{"id": "a", "text": "x" * (JSON_BLOCK * 5 + 7)}, {"id": "b", "text": "y"}, {"id": "c", "text": "é" * JSON_BLOCK}]
+    rows = list(read_json_array(io.StringIO(json.dumps(items)), "t.json"))
+    assert [r for _, r in rows] == items and [i for i, _ in rows] == [1, 2, 3]

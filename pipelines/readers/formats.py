@@ -82,7 +82,7 @@ def read_jsonl(text: IO[str], label: str) -> Iterator[tuple[int, dict | Malforme
 def read_json_array(text: IO[str], label: str) -> Iterator[tuple[int, dict | Malformed]]:
     """A top-level JSON array, decoded element by element from a sliding buffer (the array is never held whole)."""
     decoder = json.JSONDecoder()
-    buf, pos, eof, row = text.read(JSON_BLOCK).lstrip(), 1, False, 0
+    buf, pos, eof, row, block = text.read(JSON_BLOCK).lstrip(), 1, False, 0, JSON_BLOCK
     if not buf.startswith("["):
         raise UserError(f"{label}: expected a JSON array starting with '['")
     while True:
@@ -96,13 +96,14 @@ def read_json_array(text: IO[str], label: str) -> Iterator[tuple[int, dict | Mal
             if eof:
                 raise UserError(f"{label}: malformed JSON array near element {row + 1} ({e.msg}); "
                                 "fix the file or convert it to JSON Lines") from None
-            more = text.read(JSON_BLOCK)
+            # An incomplete element: read more, doubling the block so a huge element is re-parsed O(log n) times.
+            more = text.read(block)
+            block *= 2
             eof = not more
             buf, pos = buf[pos:] + more, 0
             continue
-        row += 1
+        row, pos, block = row + 1, end, JSON_BLOCK
         yield row, obj if isinstance(obj, dict) else Malformed("malformed_json", f"element {row}: not a JSON object")
-        buf, pos = buf[end:], 0
 
 
 def read_txt(text: IO[str], split: str) -> Iterator[tuple[int, dict]]:

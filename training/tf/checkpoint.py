@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
+from textmill import storage
 from textmill.errors import UserError
 
 DATA_SUFFIX = ".data-00000-of-00001"
@@ -78,9 +79,7 @@ def write_checkpoint_file(folder: str | Path, latest_name: str, all_names: Itera
     if latest_name not in names:
         names.append(latest_name)
     lines = [f'model_checkpoint_path: "{latest_name}"'] + [f'all_model_checkpoint_paths: "{n}"' for n in names]
-    tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / STATE_FILE)
+    storage.write_text_atomic(folder / STATE_FILE, "\n".join(lines) + "\n")
 
 
 def read_checkpoint_file(folder: str | Path) -> tuple[str, list[str]]:

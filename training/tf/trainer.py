@@ -299,6 +299,7 @@ class Session:
             live.step = 0
             live.log_metric("val_loss", st["initial_val_loss"])
         step, timed, seconds = st["step"], 0, 0.0
+        first = step  # the session's first step traces and compiles (st["step"] moves on at every checkpoint)
         done = st["stopped_early"] or step >= tc.steps
         bar = tqdm(total=tc.steps, initial=step, disable=not self.progress, unit="step", desc=f"train {self.paths.run.name}")
         while not done:
@@ -306,7 +307,7 @@ class Session:
             t0 = time.perf_counter()
             out = self.trainer.train_step(x, y)
             dt = time.perf_counter() - t0
-            if step > st["step"]:  # the session's first step traces and compiles: leave it out of the throughput
+            if step > first:  # leave the compiling step out of the throughput
                 timed, seconds = timed + 1, seconds + dt
             step += 1
             st["train_loss"] = out["loss"]
