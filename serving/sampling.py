@@ -93,5 +93,7 @@ class TextTracker:
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         self.text += tail[len(prefix_text):]
         self._prefix = self._read = len(self.ids)
-        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        delta, stopped = self._release()  # the tail may complete a stop string: cut it like any other
+        if not stopped:
+            delta, self.emitted = delta + self.text[self.emitted:], len(self.text)
         return delta

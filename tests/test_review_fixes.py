@@ -147,3 +147,18 @@ def test_json_array_elements_larger_than_the_read_block(tmp_path):
     items = [{"id": "a", "text": "x" * (JSON_BLOCK * 5 + 7)}, {"id": "b", "text": "y"}, {"id": "c", "text": "é" * JSON_BLOCK}]
     rows = list(read_json_array(io.StringIO(json.dumps(items)), "t.json"))
     assert [r for _, r in rows] == items and [i for i, _ in rows] == [1, 2, 3]
+
+
+def test_stop_string_completed_by_a_held_back_tail_is_not_leaked():
+    from serving.sampling import TextTracker
+
+    class Bytes:  # a byte-level tokenizer: id i decodes to the bytes in TABLE[i]
+        TABLE = {0: b"a", 1: b"b\xe2"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return b"".join(self.TABLE[i] for i in ids).decode("utf-8", errors="replace")
+
+    tracker = TextTracker(Bytes(), ("ab",))
+    out = "".join(tracker.push(t)[0] for t in (0, 1))  # "b\xe2" ends in a partial character: held back
+    out += tracker.flush()
+    assert "ab" not in out and out == ""
