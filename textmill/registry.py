@@ -411,13 +411,20 @@ class Registry:
         now = datetime.now(timezone.utc)
         doomed += [v for v in self._all_version_dirs(model) if v not in complete and v != live
                    and (t := version_time(v)) is not None and (now - t).total_seconds() > STALE_INCOMPLETE_S]
+        deleted = []
         for v in sorted(doomed):
-            # MANIFEST first: a half-deleted version is then incomplete (invisible), never a complete one missing files.
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._path(model, v, MANIFEST))
+            # Re-read LATEST right before (under the local lock, which rollback and publish also take): a rollback to `v`
+            # since the listing above must win. MANIFEST goes first: a half-deleted version is then incomplete
+            # (invisible), never a complete one missing files.
+            with self._latest_cas(model) as (live_now, _swap):
+                if live_now == v:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._path(model, v, MANIFEST))
             self.fs.rm(self._path(model, v), recursive=True)
+            deleted.append(v)
         self._fresh()
-        return sorted(doomed)
+        return deleted
 
 
 # ---------------------------------------------------------------------------------------------------------------- helpers
