@@ -21,6 +21,26 @@ from textmill.errors import UserError
 
 log = logging.getLogger(__name__)
 
+
+class LoadFailures:
+    """Versions that failed to load or warm up, retried with exponential backoff: the cause is often transient (memory
+    while the old version, the new one and running batches are all resident), so a node must not give up for good."""
+
+    def __init__(self, first_s: float = 60.0, max_s: float = 3600.0, clock=time.monotonic) -> None:
+        self.first_s, self.max_s, self.clock = first_s, max_s, clock
+        self._failures: dict[tuple[str, str], tuple[int, float]] = {}   # (model, version) -> (count, retry at)
+
+    def record(self, model: str, version: str) -> float:
+        count, _ = self._failures.get((model, version), (0, 0.0))
+        wait = min(self.first_s * 2 ** count, self.max_s)
+        self._failures[(model, version)] = (count + 1, self.clock() + wait)
+        log.warning("model %s: version %s failed to load (%d time(s)); next try in %.0f s", model, version, count + 1, wait)
+        return wait
+
+    def blocked(self, model: str, version: str) -> bool:
+        entry = self._failures.get((model, version))
+        return entry is not None and self.clock() < entry[1]
+
 BACKOFF_FIRST_S = 1.0        # first retry after a failed sync pass; doubles up to poll_interval
 GRACEFUL_CLOSE_S = 5.0
 STARTUP_SYNC_WAIT_S = 5.0    # how long start-up waits for the registry before serving from the cache       # after the drain, how long uvicorn waits for lingering connections
@@ -32,7 +52,7 @@ class Node:
     def __init__(self, settings: ServingConfig, engine: Engine, syncer: Syncer, metrics: Metrics) -> None:
         self.settings, self.engine, self.syncer, self.metrics = settings, engine, syncer, metrics
         self.expected: list[str] = list(settings.models)
-        self._bad: dict[str, set[str]] = {}     # model -> versions that failed to load (never retried)
+        self._bad = LoadFailures()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._first: threading.Thread | None = None
@@ -59,10 +79,9 @@ class Node:
         target: Cached | None = result.cached if result is not None else None
         if (target is not None or self.syncer.cached(model)) and model not in self.expected:
             self.expected.append(model)
-        bad = self._bad.setdefault(model, set())
-        if target is not None and target.version != self._live(model) and target.version not in bad:
+        if target is not None and target.version != self._live(model) and not self._bad.blocked(model, target.version):
             if not self.engine.swap(model, target.version, target.folder, target.manifest()):
-                bad.add(target.version)
+                self._bad.record(model, target.version)
         if self._live(model) is None:
             self.serve_cached(model)
         live = self._live(model)
@@ -73,14 +92,13 @@ class Node:
     def serve_cached(self, model: str) -> None:
         """Nothing live for `model` (bucket unreachable, or its LATEST will not load): load the newest cached version
         that does."""
-        bad = self._bad.setdefault(model, set())
         for cached in reversed(self.syncer.cached(model)):
-            if cached.version in bad:
+            if self._bad.blocked(model, cached.version):
                 continue
             if self.engine.swap(model, cached.version, cached.folder, cached.manifest()):
                 log.warning("model %s: serving cached version %s", model, cached.version)
                 return
-            bad.add(cached.version)
+            self._bad.record(model, cached.version)
 
     def _live(self, model: str) -> str | None:
         worker = self.engine.models().get(model)

@@ -162,3 +162,15 @@ def test_stop_string_completed_by_a_held_back_tail_is_not_leaked():
     out = "".join(tracker.push(t)[0] for t in (0, 1))  # "b\xe2" ends in a partial character: held back
     out += tracker.flush()
     assert "ab" not in out and out == ""
+
+
+def test_a_version_that_failed_to_load_is_retried_with_backoff():
+    from serving.daemon import LoadFailures
+
+    now = [0.0]
+    f = LoadFailures(first_s=60, max_s=300, clock=lambda: now[0])
+    assert not f.blocked("m", "v2")
+    assert f.record("m", "v2") == 60 and f.blocked("m", "v2") and not f.blocked("m", "v3")
+    now[0] = 61.0
+    assert not f.blocked("m", "v2")              # retried after the backoff, not never
+    assert f.record("m", "v2") == 120 and f.record("m", "v2") == 240 and f.record("m", "v2") == 300  # capped
