@@ -239,7 +239,7 @@ class Registry:
             if problems:
                 raise VerificationError(f"{storage.join(self.root, model, version)}: {len(problems)} file(s) do not "
                                         f"match {MANIFEST}: " + "; ".join(problems) + "; the download was discarded")
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (tmp / MANIFEST).write_bytes(_manifest_bytes(manifest))
         return dest
 
     def _fill(self, model: str, version: str, manifest: dict, tmp: Path, local: dict[str, Path],

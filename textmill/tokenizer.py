@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -83,24 +82,31 @@ def vocab_size(tok: Tokenizer) -> int:
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def checksum(tok: Tokenizer) -> str:
-    """sha256 of the vocabulary and merges: equal for the same tokenizer whichever files it was loaded from."""
+def _merges(tok: Tokenizer) -> bytes:
+    """The BPE merges file (`merges.txt` = OpenAI's `vocab.bpe`); `tokenizers` only writes it through `model.save`."""
     with tempfile.TemporaryDirectory() as d:
         tok.model.save(d)
-        merges = Path(d, "merges.txt").read_bytes()
+        return Path(d, "merges.txt").read_bytes()
+
+
+def _vocab_json(tok: Tokenizer) -> str:
+    """token -> id including <|endoftext|>, in id order (`vocab.json` = OpenAI's `encoder.json`)."""
+    vocab = dict(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
+    return json.dumps(vocab, ensure_ascii=False)
+
+
+def checksum(tok: Tokenizer) -> str:
+    """sha256 of the vocabulary and merges: equal for the same tokenizer whichever files it was loaded from."""
     vocab = json.dumps(tok.get_vocab(with_added_tokens=True), sort_keys=True).encode()
-    return hashlib.sha256(vocab + b"\0" + merges).hexdigest()
+    return hashlib.sha256(vocab + b"\0" + _merges(tok)).hexdigest()
 
 
 def save_openai(tok: Tokenizer, folder: str | Path) -> None:
     """Write `encoder.json` and `vocab.bpe` (OpenAI / gpt-2-simple layout)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as d:
-        tok.model.save(d)
-        shutil.copyfile(Path(d, "merges.txt"), folder / "vocab.bpe")
-    vocab = dict(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
-    (folder / "encoder.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "vocab.bpe").write_bytes(_merges(tok))
+    (folder / "encoder.json").write_text(_vocab_json(tok), encoding="utf-8")
 
 
 def save_hf(tok: Tokenizer, folder: str | Path, *, model_max_length: int) -> None:
@@ -108,11 +114,8 @@ def save_hf(tok: Tokenizer, folder: str | Path, *, model_max_length: int) -> Non
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    with tempfile.TemporaryDirectory() as d:
-        tok.model.save(d)
-        shutil.copyfile(Path(d, "merges.txt"), folder / "merges.txt")
-    vocab = dict(sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]))
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_bytes(_merges(tok))
+    (folder / "vocab.json").write_text(_vocab_json(tok), encoding="utf-8")
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     config = {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": int(model_max_length), "add_prefix_space": False,
