@@ -59,8 +59,6 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "none" or (kind == "auto" and len(gpus) <= 1):
         return tf.distribute.get_strategy()
-    if kind not in ("auto", "mirrored"):
-        raise UserError(f"config key training.distribute={kind!r} is invalid; choose auto, none or mirrored")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     return tf.distribute.MirroredStrategy(devices, cross_device_ops=None if gpus else tf.distribute.ReductionToOneDevice())
 
@@ -343,8 +341,6 @@ class Session:
                 log.info("early stopping at step %d: no improvement in %d evaluations (best %.4f at step %d)", step,
                          st["evals_since_best"], st["best_val_loss"], st["best_step"])
                 final = st["stopped_early"] = True
-                if str(step) not in st["val_loss_by_step"]:
-                    st["val_loss_by_step"][str(step)] = val
         if tc.sample_interval and step % tc.sample_interval == 0:
             self._write_sample(step)
         if final or new_best or step % tc.checkpoint_interval == 0:
@@ -356,9 +352,8 @@ class Session:
         st, name = self.state.d, f"model-{step}"
         self.trainer.save(self.paths.run / name)
         best = f"model-{st['best_step']}" if st["best_step"] is not None else None
-        recent = [n for n in st["kept"] if n != name and n != best][-(max(self.tc.max_to_keep, 1) - 1):]
-        if self.tc.max_to_keep <= 1:
-            recent = []
+        older = [n for n in st["kept"] if n != name and n != best]
+        recent = older[len(older) - (self.tc.max_to_keep - 1):]  # max_to_keep >= 1 (config.validate)
         kept = sorted({*recent, name, *([best] if best else [])}, key=lambda n: int(n.split("-")[1]))
         old = set(st["kept"]) - set(kept)
         st.update(step=step, checkpoint=name, kept=kept, rng=self.rng.bit_generator.state)
