@@ -18,6 +18,7 @@ from serving.metrics import Metrics
 from serving.sync import Cached, Syncer
 from textmill.config import ServingConfig
 from textmill.errors import UserError
+from textmill.registry import UntrustedData, shown
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,11 @@ class Node:
         if self.settings.models:
             return list(self.settings.models), True
         try:
-            return sorted(set(self.syncer.registry.models()) | set(self.syncer.cached_models())), True
+            valid, hostile = self.syncer.registry.listing()
+            for name in hostile:
+                log.error("registry %s: folder %s is not a valid model name; ignored", self.settings.root, shown(name))
+                self.metrics.sync_rejected.labels("-", "model_name").inc()
+            return sorted(set(valid) | set(self.syncer.cached_models())), True
         except Exception as e:  # unreachable bucket: serve what the cache holds and retry later
             log.error("registry %s unreachable (%s: %s); serving cached models", self.settings.root, type(e).__name__, e)
             return self.syncer.cached_models(), False
@@ -75,12 +80,14 @@ class Node:
         except Exception as e:  # unreachable, verification failure, malformed manifest: keep the live version
             log.error("model %s: sync failed, keeping %s: %s: %s", model, self._live(model) or "nothing", type(e).__name__, e)
             self.metrics.sync_failures.labels(model).inc()
+            if isinstance(e, UntrustedData):
+                self.metrics.sync_rejected.labels(model, e.kind).inc()
             result = None
         target: Cached | None = result.cached if result is not None else None
         if (target is not None or self.syncer.cached(model)) and model not in self.expected:
             self.expected.append(model)
         if target is not None and target.version != self._live(model) and not self._bad.blocked(model, target.version):
-            if not self.engine.swap(model, target.version, target.folder, target.manifest()):
+            if not self._swap(target):
                 self._bad.record(model, target.version)
         if self._live(model) is None:
             self.serve_cached(model)
@@ -95,10 +102,19 @@ class Node:
         for cached in reversed(self.syncer.cached(model)):
             if self._bad.blocked(model, cached.version):
                 continue
-            if self.engine.swap(model, cached.version, cached.folder, cached.manifest()):
+            if self._swap(cached):
                 log.warning("model %s: serving cached version %s", model, cached.version)
                 return
             self._bad.record(model, cached.version)
+
+    def _swap(self, cached: Cached) -> bool:
+        try:
+            manifest = cached.manifest()
+        except UntrustedData as e:  # the cached copy was changed on disk after it was verified
+            log.error("model %s: cached version %s not loaded: %s", cached.model, cached.version, e)
+            self.metrics.sync_rejected.labels(cached.model, e.kind).inc()
+            return False
+        return self.engine.swap(cached.model, cached.version, cached.folder, manifest)
 
     def _live(self, model: str) -> str | None:
         worker = self.engine.models().get(model)

@@ -59,6 +59,9 @@ class Metrics:
                                      registry=r)
         self.sync_failures = Counter("textmill_sync_failures", "sync passes that failed (unreachable, verification)",
                                      ["model"], registry=r)
+        self.sync_rejected = Counter("textmill_sync_rejected", "values read from the registry that were refused as "
+                                     "untrusted (bad model name, LATEST, version id, manifest, file path, symlink); the "
+                                     "live version keeps serving", ["model", "kind"], registry=r)
         self.dedup = Counter("textmill_dedup_hits", "requests answered by an identical in-flight or cached generation",
                              ["model", "kind"], registry=r)
         self.cancelled = Counter("textmill_cancelled", "generations cancelled because every client left", ["model"],

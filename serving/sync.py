@@ -3,6 +3,10 @@
 Only the registry's read side is used. A version folder in the cache exists only after `Registry.download` verified every
 file against the MANIFEST (it writes MANIFEST.json into the folder before the rename), so "has MANIFEST.json and is not a
 hidden temp folder" is what "verified" means here; the loader never looks at anything else.
+
+Everything the bucket says is untrusted (docs/publishing.md "Untrusted bucket contents"): the registry validates model
+names, LATEST, version ids and manifest paths before any path is built from them, and this module only ever deletes a
+direct child of `<cache>/<model>/`, unlinking a symlink rather than following it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,11 +23,13 @@ from pathlib import Path
 
 from textmill.config import ServingConfig
 from textmill.errors import UserError
-from textmill.registry import MANIFEST, Registry
+from textmill.registry import (MANIFEST, MODEL_NAME, VERSION_ID, Registry, UntrustedData, check_manifest,
+                               check_model_name, shown)
 
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 600.0   # a hidden temp folder older than this was left by a sync that died mid-download
+TEMP_NAME = re.compile(r"\.[^/]+\.[A-Za-z0-9_]+\.tmp")   # storage.atomic_path's `.<name>.<random>.tmp`
 
 
 @dataclass
@@ -31,7 +39,13 @@ class Cached:
     folder: Path
 
     def manifest(self) -> dict:
-        return json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        """The cached MANIFEST.json, validated like one read from the registry (raises UntrustedData)."""
+        where = str(self.folder / MANIFEST)
+        try:
+            manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise UntrustedData(f"{where}: unreadable ({type(e).__name__})", "manifest") from None
+        return check_manifest(manifest, self.model, self.version, where)
 
 
 @dataclass
@@ -41,6 +55,7 @@ class SyncResult:
     cached: Cached | None           # the verified cached copy of `latest`
     downloaded: bool = False
     error: str | None = None
+    rejected: str | None = None     # UntrustedData.kind when the registry held a hostile or malformed value
 
 
 class Syncer:
@@ -50,6 +65,8 @@ class Syncer:
         self.settings = settings
         self.cache = Path(settings.cache_dir)
         self._registry = registry
+        for model in settings.models:
+            check_model_name(model, "--models / serving.models")
 
     @property
     def registry(self) -> Registry:
@@ -60,12 +77,12 @@ class Syncer:
 
     # the cache
     def cached(self, model: str) -> list[Cached]:
-        """Verified cached versions of `model`, oldest to newest."""
+        """Verified cached versions of `model`, oldest to newest (folders named by a version id, not symlinks)."""
         folder = self.cache / model
-        if not folder.is_dir():
+        if not MODEL_NAME.fullmatch(model) or folder.is_symlink() or not folder.is_dir():
             return []
         return [Cached(model, p.name, p) for p in sorted(folder.iterdir())
-                if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
+                if VERSION_ID.fullmatch(p.name) and not p.is_symlink() and p.is_dir() and (p / MANIFEST).is_file()]
 
     def newest_cached(self, model: str) -> Cached | None:
         found = self.cached(model)
@@ -74,7 +91,7 @@ class Syncer:
     def cached_models(self) -> list[str]:
         if not self.cache.is_dir():
             return []
-        return sorted(p.name for p in self.cache.iterdir() if p.is_dir() and self.cached(p.name))
+        return sorted(p.name for p in self.cache.iterdir() if self.cached(p.name))
 
     def prune(self, model: str, protect: set[str] = frozenset()) -> list[str]:
         """Keep the newest `keep_versions + 1` (the live one and N for rollback) plus `protect`; delete the rest."""
@@ -82,32 +99,66 @@ class Syncer:
         keep = set(versions[-(self.settings.keep_versions + 1):]) | set(protect)
         removed = [v for v in versions if v not in keep]
         for v in removed:
-            shutil.rmtree(self.cache / model / v, ignore_errors=True)
+            self._remove(self.cache / model / v)
             log.info("model %s: removed cached version %s (keep_versions=%d)", model, v, self.settings.keep_versions)
         self._remove_stale_temps(model)
         return removed
 
     def _remove_stale_temps(self, model: str) -> None:
         now = time.time()
-        for p in (self.cache / model).glob(".*"):
-            if p.is_dir() and now - p.stat().st_mtime > STALE_TEMP_S:
-                shutil.rmtree(p, ignore_errors=True)
+        folder = self.cache / model
+        if not MODEL_NAME.fullmatch(model) or folder.is_symlink() or not folder.is_dir():
+            return
+        for p in folder.iterdir():
+            if TEMP_NAME.fullmatch(p.name) and now - p.lstat().st_mtime > STALE_TEMP_S:
+                self._remove(p)
+
+    def _model_dir(self, model: str) -> Path:
+        """`<cache>/<model>` for a valid name, refusing a symlinked one (its contents would land outside the cache)."""
+        folder = self.cache / check_model_name(model)
+        if folder.is_symlink():
+            raise UntrustedData(f"{folder}: a symlink inside the cache; remove it (the cache holds real folders only)",
+                                "symlink")
+        return folder
+
+    def _remove(self, path: Path) -> None:
+        """Delete `path`, a direct child of `<cache>/<model>/`, without ever leaving the cache: a symlink is unlinked
+        (its target untouched), a folder reached through a symlinked parent is refused, and rmtree does not follow
+        symlinks inside the folder."""
+        model_dir = path.parent
+        try:
+            confined = (not model_dir.is_symlink() and model_dir.parent == self.cache
+                        and model_dir.resolve() == self.cache.resolve() / model_dir.name)
+        except OSError:
+            confined = False
+        if not confined:
+            log.error("refusing to delete %s: not a direct child of a model folder in the cache %s", shown(str(path)),
+                      self.cache)
+            return
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
     # the registry
     def models(self) -> list[str]:
         return list(self.settings.models) or self.registry.models()
 
     def sync_model(self, model: str, *, progress: bool = False) -> SyncResult:
-        """Make the registry's LATEST of `model` present and verified in the cache (download only what changed)."""
+        """Make the registry's LATEST of `model` present and verified in the cache (download only what changed).
+
+        Raises UntrustedData (before touching the disk) when the registry holds a hostile or malformed name, LATEST
+        or manifest; VerificationError when files do not match; the registry's errors when it is unreachable."""
+        folder = self._model_dir(model)
         latest = self.registry.latest(model)
         if latest is None:
             return SyncResult(model, None, None, error=f"{self.settings.root}: model {model!r} has no LATEST")
-        dest = self.cache / model / latest
+        dest = folder / latest
         have = {c.version: c for c in self.cached(model)}
         if latest in have:
             return SyncResult(model, latest, have[latest])
-        if dest.exists():  # a folder without MANIFEST.json is not ours to trust: fetch it again
-            shutil.rmtree(dest)
+        if os.path.lexists(dest):  # a folder without MANIFEST.json (or a symlink) is not ours to trust: fetch it again
+            self._remove(dest)
         reuse = [c.folder for c in have.values()]
         started = time.monotonic()
         self.registry.download(model, latest, dest, reuse=reuse, progress=progress)
@@ -116,18 +167,23 @@ class Syncer:
 
     def sync_once(self, *, progress: bool = False, protect: dict[str, str] | None = None) -> list[SyncResult]:
         """One pass over every model; a failure of one model (unreachable, verification) does not stop the others."""
+        results = []
         try:
-            models = self.models()
+            if self.settings.models:
+                models = list(self.settings.models)
+            else:
+                models, hostile = self.registry.listing()
+                results += [SyncResult(shown(name), None, None, error=f"{self.settings.root}: folder {shown(name)} is "
+                                       "not a valid model name; ignored", rejected="model_name") for name in hostile]
         except Exception as e:  # unreachable bucket: nothing to compare against; the caller decides what that means
             log.error("registry %s: cannot list models: %s: %s", self.settings.root, type(e).__name__, e)
             return [SyncResult("*", None, None, error=f"cannot list models in {self.settings.root}: {e}")]
-        results = []
         for model in models:
             try:
                 result = self.sync_model(model, progress=progress)
             except Exception as e:  # unreachable bucket, failed verification, bad manifest: this model waits, others go on
                 log.error("model %s: sync failed: %s: %s", model, type(e).__name__, e)
-                result = SyncResult(model, None, None, error=str(e))
+                result = SyncResult(model, None, None, error=str(e), rejected=getattr(e, "kind", None))
             if result.cached is not None:
                 keep = {result.latest} | ({protect[model]} if protect and model in protect else set())
                 self.prune(model, keep)

@@ -145,8 +145,10 @@ def test_user_mistakes_are_one_line_exit_2(project, capsys):
     set_loss(project, 2.0)
     assert textmill(["publish", "nosuchmodel", "--root", "b"]) == 2
     assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
-    assert textmill(["rollback", "abstracts", "v0", "--root", "b"]) == 2
-    assert "no complete version abstracts@v0" in capsys.readouterr().err
+    assert textmill(["rollback", "abstracts", "20200101T000000Z-0123456789ab", "--root", "b"]) == 2
+    assert "no complete version abstracts@20200101T000000Z-0123456789ab" in capsys.readouterr().err
+    assert textmill(["rollback", "abstracts", "../v0", "--root", "b"]) == 2
+    assert "'../v0' is not a version id" in capsys.readouterr().err
 
 
 def test_publish_cli_subprocess_against_gcs(project, gcs_bucket):

@@ -146,7 +146,9 @@ def test_rollback_and_unknown_version(registry_root, tmp_path):
     assert reg.latest("m") == v2
     reg.rollback("m", v1)
     assert reg.latest("m") == v1
-    with pytest.raises(UserError, match="no complete version m@nope"):
+    with pytest.raises(UserError, match="no complete version m@20200101T000000Z-0123456789ab"):
+        reg.rollback("m", "20200101T000000Z-0123456789ab")
+    with pytest.raises(UserError, match="'nope' is not a version id"):
         reg.rollback("m", "nope")
     assert reg.latest("m") == v1
 
@@ -185,7 +187,9 @@ def test_user_errors(registry_root, tmp_path):
         publish(reg, tmp_path / "missing", 1.0)
     with pytest.raises(UserError, match="no numeric `val_loss`"):
         reg.publish("m", make_export(tmp_path / "e", seed=1), metrics={"loss": 1}, provenance={}, progress=False)
-    with pytest.raises(UserError, match="no version m@v0"):
+    with pytest.raises(UserError, match="no version m@20200101T000000Z-0123456789ab"):
+        reg.manifest("m", "20200101T000000Z-0123456789ab")
+    with pytest.raises(UserError, match="'v0' is not a version id"):
         reg.manifest("m", "v0")
 
 

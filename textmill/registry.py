@@ -14,7 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -39,9 +41,31 @@ BACKOFF_S = 0.5             # first retry delay, doubled on each attempt
 CAS_ATTEMPTS = 8            # times a publisher re-reads LATEST after losing a compare-and-set
 STALE_INCOMPLETE_S = 86400  # gc removes incomplete versions (no MANIFEST) older than this: a publish died there
 
+# Untrusted names: everything read from a registry, and every name a user passes that becomes a path, must match these.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VERSION_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{%d}" % HASH_CHARS)
+PATH_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # no leading dot: no `.`, `..`, hidden or temp names
+MAX_PATH_CHARS = 255
+MAX_DEPTH = 8
+MAX_FILES = 10_000
+MAX_LATEST_BYTES = 64           # a version id is 30 characters
+MAX_MANIFEST_BYTES = 16 << 20   # a manifest lists files and a little provenance; anything larger is not ours
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
 
 class VerificationError(UserError):
     """Files that do not match their MANIFEST entry (size or sha256), or are missing. Lists every bad file."""
+
+
+class UntrustedData(VerificationError):
+    """A model name, version id, LATEST text, MANIFEST field or file path that is not in the registry's format.
+
+    `kind` says which (`model_name`, `version_id`, `latest`, `manifest`, `manifest_path`, `symlink`): serving counts
+    rejections by it. Raised before anything is created, changed or deleted because of the value."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class LatestConflict(UserError):
@@ -62,6 +86,113 @@ class PublishResult:
         return dict(self.__dict__)
 
 
+# ------------------------------------------------------------------------------------------------------- untrusted names
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr` of an untrusted value, cut to `limit` characters: safe to put in a log line or terminal (no raw newline,
+    escape sequence or megabyte of text reaches either)."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_model_name(name: Any, where: str = "model name") -> str:
+    """Return `name` if it is a valid model name (ASCII letters, digits, `.`, `_`, `-`; starts with a letter or digit;
+    at most 64 characters), else raise UntrustedData(kind="model_name") naming `where`."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise UntrustedData(f"{where}: {shown(name)} is not a valid model name (1-64 ASCII letters, digits, '.', '_', "
+                            "'-'; starting with a letter or digit)", "model_name")
+    return name
+
+
+def check_version_id(version: Any, where: str = "version id") -> str:
+    """Return `version` if it is exactly the format `publish` writes, `YYYYMMDDTHHMMSSZ-<12 lowercase hex>` with a real
+    date and time, else raise UntrustedData(kind="version_id") naming `where`."""
+    if not isinstance(version, str) or not VERSION_ID.fullmatch(version) or version_time(version) is None:
+        raise UntrustedData(f"{where}: {shown(version)} is not a version id (YYYYMMDDTHHMMSSZ-<{HASH_CHARS} hex>, as "
+                            "`textmill publish` writes)", "version_id")
+    return version
+
+
+def check_file_path(path: Any, where: str = "file path") -> str:
+    """Return `path` if it is a safe relative POSIX path inside a version folder, else raise UntrustedData
+    (kind="manifest_path"): `/`-separated segments of ASCII letters, digits, `.`, `_`, `-`, none empty and none
+    starting with `.` (so no `.`, `..`, hidden or temp names), not absolute, no backslash or drive letter (`:`), no
+    NUL/control or non-ASCII character (so no look-alike of `/` or `.`), at most 8 deep and 255 characters, and not
+    the reserved MANIFEST.json at the top."""
+    problem = None
+    if not isinstance(path, str):
+        problem = "not a string"
+    elif len(path) > MAX_PATH_CHARS:
+        problem = f"longer than {MAX_PATH_CHARS} characters"
+    elif path == MANIFEST:
+        problem = f"{MANIFEST} is the registry's own file"
+    else:
+        segments = path.split("/")
+        if len(segments) > MAX_DEPTH:
+            problem = f"more than {MAX_DEPTH} folders deep"
+        elif not all(PATH_SEGMENT.fullmatch(seg) for seg in segments):
+            problem = ("not a relative path of '/'-separated names made of ASCII letters, digits, '.', '_', '-' "
+                       "(no empty, '.', '..' or hidden segment, no leading or trailing '/', no backslash, drive or "
+                       "control character)")
+    if problem:
+        raise UntrustedData(f"{where}: {shown(path)}: {problem}", "manifest_path")
+    return path
+
+
+def check_manifest(manifest: Any, model: str, version: str, where: str) -> dict:
+    """Validate a parsed MANIFEST.json of `model@version` read from `where` (a registry or a cache): `model` and
+    `version` fields equal the folder's, `files` is a non-empty list of {path, size, sha256} with safe, unique paths
+    (compared case-insensitively, and no file doubling as a folder), sizes non-negative ints, sha256 64 lowercase hex,
+    and the version's content hash matches the files. Returns the manifest; raises UntrustedData."""
+    def bad(problem: str, kind: str = "manifest") -> UntrustedData:
+        return UntrustedData(f"{where}: {problem}; the version is not trusted (re-publish it)", kind)
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    if manifest.get("model") != model or manifest.get("version") != version:
+        raise bad(f"names {shown(manifest.get('model'))}@{shown(manifest.get('version'))}, but it is stored as "
+                  f"{model}@{version}")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not files or len(files) > MAX_FILES:
+        raise bad(f"`files` must be a list of 1 to {MAX_FILES} entries")
+    if not isinstance(manifest.get("metrics", {}), dict):
+        raise bad("`metrics` is not an object")
+    seen: set[str] = set()
+    for i, e in enumerate(files):
+        if not isinstance(e, dict):
+            raise bad(f"files[{i}] is not an object")
+        path = check_file_path(e.get("path"), f"{where}: files[{i}].path")
+        size, sha = e.get("size"), e.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise bad(f"files[{i}] ({path}): size {shown(size)} is not a non-negative integer")
+        if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
+            raise bad(f"files[{i}] ({path}): sha256 {shown(sha)} is not 64 lowercase hex digits")
+        key = path.casefold()
+        if key in seen:
+            raise bad(f"files[{i}]: {path} is listed twice (paths are compared case-insensitively)", "manifest_path")
+        seen.add(key)
+    for key in seen:  # `a` as a file and `a/b`: one of them cannot be written
+        parts = key.split("/")
+        if any("/".join(parts[:n]) in seen for n in range(1, len(parts))):
+            raise bad(f"{key}: a listed file is also used as a folder", "manifest_path")
+    if not version.endswith("-" + content_hash(files)[:HASH_CHARS]):
+        raise bad(f"the files hash to {content_hash(files)[:HASH_CHARS]}, not to the id's {version[-HASH_CHARS:]}")
+    return manifest
+
+
+def inside(folder: Path, rel: str) -> Path | None:
+    """`folder/rel` when it is a regular file that is not a symlink and, resolved, lies inside `folder` (no symlinked
+    folder on the way out); else None."""
+    path = Path(folder) / rel
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        path.resolve(strict=True).relative_to(Path(folder).resolve(strict=True))
+    except (OSError, ValueError):
+        return None
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------- hashing
 
 def file_entries(folder: Path) -> list[dict[str, Any]]:
@@ -75,6 +206,7 @@ def file_entries(folder: Path) -> list[dict[str, Any]]:
             rel = p.relative_to(folder).as_posix()
             if rel == MANIFEST:
                 raise UserError(f"{p}: an export folder must not contain {MANIFEST} (the registry writes it); remove it")
+            check_file_path(rel, f"{folder}: file name (rename or remove it before publishing)")
             entries.append({"path": rel, "size": p.stat().st_size, "sha256": storage.sha256_file(p)})
     if not entries:
         raise UserError(f"{folder}: export folder is empty; nothing to publish")
@@ -90,13 +222,15 @@ def content_hash(entries: Iterable[dict[str, Any]]) -> str:
 
 
 def make_version(created: datetime, entries: Iterable[dict[str, Any]]) -> str:
+    """`YYYYMMDDTHHMMSSZ-<first 12 hex of content_hash>`: sorts by time, names the content."""
     return f"{created.strftime(VERSION_TIME)}-{content_hash(entries)[:HASH_CHARS]}"
 
 
 def version_time(version: str) -> datetime | None:
+    """The UTC time in a version id, or None when it has none."""
     try:
         return datetime.strptime(version.split("-", 1)[0], VERSION_TIME).replace(tzinfo=timezone.utc)
-    except ValueError:
+    except (ValueError, AttributeError):
         return None
 
 
@@ -109,7 +243,9 @@ def verify_folder(folder: Path, manifest: dict) -> None:
 
 
 def _check_file(path: Path, entry: dict[str, Any]) -> str | None:
-    """None when `path` matches its manifest entry, else what is wrong."""
+    """None when `path` matches its manifest entry, else what is wrong. A symlink never matches."""
+    if path.is_symlink():
+        return f"{entry['path']}: a symlink, not a file"
     if not path.is_file():
         return f"{entry['path']}: missing"
     size = path.stat().st_size
@@ -189,41 +325,80 @@ class Registry:
         self.fs.invalidate_cache(path)
 
     # ------------------------------------------------------------------------------------------------------ read side
-    def models(self) -> list[str]:
-        """Models with a LATEST or at least one complete version."""
+    def listing(self) -> tuple[list[str], list[str]]:
+        """(valid model names, folder names that are not valid model names) of the models with a LATEST or at least
+        one complete version. The second list is untrusted text: show it with `shown`."""
         self._fresh()
         found = self.fs.glob(self._path("*", LATEST)) + self.fs.glob(self._path("*", "*", MANIFEST))
         base = self._path("")
-        return sorted({p[len(base):].split("/", 1)[0] for p in found if p.startswith(base)})
+        names = {p[len(base):].split("/", 1)[0] for p in found if p.startswith(base)}
+        valid = sorted(n for n in names if MODEL_NAME.fullmatch(n))
+        return valid, sorted(names.difference(valid))
+
+    def models(self) -> list[str]:
+        """Models with a LATEST or at least one complete version; folders whose name is not a valid model name are
+        left out (logged)."""
+        valid, rejected = self.listing()
+        for name in rejected:
+            log.warning("registry %s: ignoring folder %s: not a valid model name", self.root, shown(name))
+        return valid
 
     def versions(self, model: str) -> list[str]:
-        """Complete versions (with MANIFEST.json), oldest to newest (ids sort by time)."""
+        """Complete versions (with MANIFEST.json), oldest to newest (ids sort by time). Folders whose name is not a
+        version id are left out (logged)."""
+        check_model_name(model)
         self._fresh()
-        return sorted(p.rsplit("/", 2)[-2] for p in self.fs.glob(self._path(model, "*", MANIFEST)))
+        names = sorted(p.rsplit("/", 2)[-2] for p in self.fs.glob(self._path(model, "*", MANIFEST)))
+        for name in names:
+            if not VERSION_ID.fullmatch(name) or version_time(name) is None:
+                log.warning("registry %s: ignoring %s/%s: not a version id", self.root, model, shown(name))
+        return [n for n in names if VERSION_ID.fullmatch(n) and version_time(n) is not None]
 
     def _all_version_dirs(self, model: str) -> list[str]:
+        """Folders under `model` named like version ids (complete or not)."""
         self._fresh()
         try:
             entries = self.fs.ls(self._path(model), detail=True)
         except FileNotFoundError:
             return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        return sorted(n for n in names if VERSION_ID.fullmatch(n) and version_time(n) is not None)
 
     def latest(self, model: str) -> str | None:
+        """The version id in `<model>/LATEST` (None when there is no LATEST). Its text must be exactly a version id,
+        optionally followed by one newline (what publish writes); anything else raises UntrustedData(kind="latest")."""
+        check_model_name(model)
+        path = self._path(model, LATEST)
         try:
-            return self.fs.cat_file(self._path(model, LATEST)).decode().strip() or None
+            raw = self.fs.cat_file(path, start=0, end=MAX_LATEST_BYTES + 1)
         except FileNotFoundError:
             return None
+        text = raw[:-1] if raw.endswith(b"\n") else raw
+        try:
+            return check_version_id(text.decode("ascii"), storage.join(self.root, model, LATEST))
+        except (UnicodeDecodeError, UntrustedData):
+            raise UntrustedData(f"{storage.join(self.root, model, LATEST)}: holds {shown(raw)}, not a version id "
+                                f"(YYYYMMDDTHHMMSSZ-<{HASH_CHARS} hex> and one newline); nothing was done with it. Fix "
+                                f"it with `textmill rollback {model} <version>`", "latest") from None
 
     def manifest(self, model: str, version: str) -> dict:
-        path = self._path(model, version, MANIFEST)
+        """The parsed, validated MANIFEST.json of `model@version` (see `check_manifest`). Raises UserError when the
+        version is not complete, UntrustedData when the manifest is malformed, too large or hostile."""
+        check_model_name(model)
+        check_version_id(version, f"{model}@{shown(version)}")
+        where = storage.join(self.root, model, version, MANIFEST)
         try:
-            return json.loads(self.fs.cat_file(path))
+            raw = self.fs.cat_file(self._path(model, version, MANIFEST), start=0, end=MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             raise UserError(f"{self.root}: no version {model}@{version} (complete versions: {self.versions(model)}); "
                             f"see `textmill models ls {self.root}`") from None
-        except json.JSONDecodeError as e:
-            raise VerificationError(f"{storage.join(self.root, model, version, MANIFEST)}: not valid JSON ({e})") from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise UntrustedData(f"{where}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest", "manifest")
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise UntrustedData(f"{where}: not valid JSON ({type(e).__name__}: {shown(str(e))})", "manifest") from None
+        return check_manifest(manifest, model, version, where)
 
     def download(self, model: str, version: str, dest: Path, *, reuse: Iterable[Path] = (),
                  progress: bool = False) -> Path:
@@ -233,6 +408,8 @@ class Registry:
         manifest = self.manifest(model, version)
         dest = Path(dest)
         local = _reusable_files(reuse)
+        if self._local:
+            self._refuse_symlinks(model, version, manifest)
         with storage.atomic_path(dest) as tmp:
             tmp.mkdir(parents=True)
             problems = self._fill(model, version, manifest, tmp, local, progress)
@@ -265,6 +442,15 @@ class Registry:
                     problems.append(problem)
         return problems
 
+    def _refuse_symlinks(self, model: str, version: str, manifest: dict) -> None:
+        """A local registry: every listed file must be a regular file inside its version folder, not a symlink (which
+        would copy any file the node can read into its cache)."""
+        folder = Path(self._path(model, version))
+        for e in manifest["files"]:
+            if (folder / e["path"]).exists() and inside(folder, e["path"]) is None:
+                raise UntrustedData(f"{storage.join(self.root, model, version, e['path'])}: a symlink or not a "
+                                    "regular file inside its version folder; the version is not trusted", "symlink")
+
     def _get(self, remote: str, target: Path, bar: tqdm) -> None:
         def attempt():
             cb = _BarCallback(bar)
@@ -284,6 +470,7 @@ class Registry:
 
         `on_uploaded(path)` is called after each file (relative path; MANIFEST.json last) — for progress hooks and tests.
         """
+        check_model_name(model)
         new_loss = _val_loss(metrics, f"metrics for {model}")
         entries = file_entries(Path(export_dir))
         digest = content_hash(entries)[:HASH_CHARS]
@@ -356,22 +543,33 @@ class Registry:
                              f"{version}; the version is uploaded, run `textmill rollback {model} {version}` to make it live")
 
     @contextlib.contextmanager
-    def _latest_cas(self, model: str) -> Iterator[tuple[str | None, Callable[[str], bool]]]:
-        """Yield (live version, swap); swap(new) sets LATEST if nobody moved it since it was read, returning success."""
+    def _latest_cas(self, model: str, *, repair: bool = False) -> Iterator[tuple[str | None, Callable[[str], bool]]]:
+        """Yield (live version, swap); swap(new) sets LATEST if nobody moved it since it was read, returning success.
+        A LATEST that is not a version id raises UntrustedData, unless `repair` (rollback overwrites it; live: None)."""
+        check_model_name(model)
         path = self._path(model, LATEST)
+
+        def live() -> str | None:
+            try:
+                return self.latest(model)
+            except UntrustedData:
+                if not repair:
+                    raise
+                return None
+
         if self._local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             with _flock(Path(path).with_name(".LATEST.lock")):
-                yield self.latest(model), lambda new: self._put_latest(path, new)
+                yield live(), lambda new: self._put_latest(path, new)
         elif self._gcs:
             self._fresh(path)
             try:
                 generation = str(self.fs.info(path)["generation"])
             except FileNotFoundError:
                 generation = "0"  # GCS: ifGenerationMatch=0 means "only if the object does not exist"
-            yield self.latest(model), lambda new: self._gcs_put_if(path, f"{new}\n".encode(), generation)
+            yield live(), lambda new: self._gcs_put_if(path, f"{new}\n".encode(), generation)
         else:  # other object stores: no precondition available through fsspec; last writer wins
-            yield self.latest(model), lambda new: self._put_latest(path, new)
+            yield live(), lambda new: self._put_latest(path, new)
 
     def _put_latest(self, path: str, version: str) -> bool:
         self._write(path, f"{version}\n".encode())
@@ -391,11 +589,13 @@ class Registry:
         return True
 
     def rollback(self, model: str, version: str) -> None:
-        """Point LATEST at an existing complete version (no gate: the operator chose it)."""
+        """Point LATEST at an existing complete version (no gate: the operator chose it). Also repairs a LATEST that
+        holds garbage."""
+        check_version_id(version, f"rollback {model}")
         if version not in self.versions(model):
             raise UserError(f"{self.root}: no complete version {model}@{version}; complete versions: {self.versions(model)}")
         for _ in range(CAS_ATTEMPTS):
-            with self._latest_cas(model) as (_, swap):
+            with self._latest_cas(model, repair=True) as (_, swap):
                 if swap(version):
                     return
         raise LatestConflict(f"{storage.join(self.root, model, LATEST)}: kept changing; rollback to {version} not done")
@@ -457,8 +657,15 @@ def _reusable_files(folders: Iterable[Path]) -> dict[str, Path]:
             manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue  # not a cached version folder: nothing to reuse from it
-        for e in manifest.get("files", []):
-            found.setdefault(e["sha256"], Path(folder) / e["path"])
+        for e in manifest.get("files", []) if isinstance(manifest, dict) else []:
+            # A cached MANIFEST is only as good as the disk it sits on: reuse only safe paths to regular files inside
+            # the folder (never a symlink or `..` out of it), and every reused file is re-checked by sha256 anyway.
+            try:
+                src = inside(Path(folder), check_file_path(e.get("path")))
+            except (UntrustedData, AttributeError):
+                src = None
+            if src is not None and isinstance(e.get("sha256"), str):
+                found.setdefault(e["sha256"], src)
     return found
 
 
