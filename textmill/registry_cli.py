@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import yaml
 from textmill import config as tm_config
 from textmill import storage
 from textmill.errors import UserError
-from textmill.registry import LATEST, Registry
+from textmill.registry import LATEST, Registry, UntrustedData, shown
 from textmill.storage import read_json
 
 DVC_LOCK = Path("dvc.lock")
@@ -103,16 +104,40 @@ def publish_main(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------------------------------- models / rollback / gc
 
-def _ls(reg: Registry) -> None:
-    models = reg.models()
-    if not models:
+def _plain(value) -> str:
+    """A manifest field for the terminal: printable ASCII text as is, anything else as `shown` (escaped, cut)."""
+    return value if isinstance(value, str) and value.isascii() and value.isprintable() and len(value) <= 80 \
+        else shown(value)
+
+
+def _ls_row(reg: Registry, model: str) -> str:
+    """One table row; raises UserError (incl. UntrustedData) when the model's LATEST or live manifest is broken."""
+    live = reg.latest(model)
+    loss = reg.manifest(model, live).get("metrics", {}).get("val_loss") if live else None
+    shown_loss = f"{loss:.4f}" if isinstance(loss, (int, float)) and not isinstance(loss, bool) else "-"
+    return f"  {model:<20} {live or '-':<30} {shown_loss:>9} {len(reg.versions(model)):>8}"
+
+
+def _ls(reg: Registry) -> int:
+    """Print every model with its live version; a broken model (unreadable LATEST or manifest, a folder name that is
+    not a model name) is listed with `!` and why, and makes the exit code 1. Returns the exit code."""
+    models, hostile = reg.listing()
+    if not models and not hostile:
         print(f"{reg.root}: no models")
-        return
-    print(f"{'model':<20} {'live version':<30} {'val_loss':>9} {'versions':>8}")
+        return 0
+    print(f"  {'model':<20} {'live version':<30} {'val_loss':>9} {'versions':>8}")
+    broken = [shown(name) for name in hostile]
+    for name in hostile:
+        print(f"! {shown(name):<20} BROKEN: not a valid model name (ignored by serving nodes)")
     for m in models:
-        live = reg.latest(m)
-        loss = reg.manifest(m, live)["metrics"].get("val_loss") if live else None
-        print(f"{m:<20} {live or '-':<30} {('%.4f' % loss) if loss is not None else '-':>9} {len(reg.versions(m)):>8}")
+        try:
+            print(_ls_row(reg, m))
+        except UserError as e:
+            print(f"! {m:<20} BROKEN: {e}")
+            broken.append(m)
+    if broken:
+        print(f"textmill models: {len(broken)} broken model(s): {', '.join(broken)} (marked ! above)", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def _show(reg: Registry, ref: str, as_json: bool) -> None:
@@ -123,24 +148,27 @@ def _show(reg: Registry, ref: str, as_json: bool) -> None:
         if not versions:
             raise UserError(f"{reg.root}: no versions of {model!r}; models here: {reg.models()}")
         for v in versions:
-            loss = reg.manifest(model, v)["metrics"].get("val_loss")
+            loss = reg.manifest(model, v).get("metrics", {}).get("val_loss")
             print(f"{'*' if v == live else ' '} {model}@{v}  val_loss={loss}")
         return
     manifest = reg.manifest(model, version)
     if as_json:
         print(json.dumps(manifest, indent=2, sort_keys=True))
         return
-    print(f"{model}@{version}{'  (live)' if version == live else ''}\ncreated: {manifest['created']}")
-    print("metrics: " + json.dumps(manifest["metrics"], sort_keys=True))
-    git = manifest.get("provenance", {}).get("git") or {}
-    if git:
-        print(f"git: {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
+    print(f"{model}@{version}{'  (live)' if version == live else ''}\ncreated: {_plain(manifest.get('created'))}")
+    print("metrics: " + json.dumps(manifest.get("metrics", {}), sort_keys=True))
+    provenance = manifest.get("provenance")
+    git = provenance.get("git") if isinstance(provenance, dict) else None
+    if isinstance(git, dict) and git:
+        print(f"git: {_plain(git.get('commit'))}{' (dirty)' if git.get('dirty') else ''}")
     for e in manifest["files"]:
         print(f"  {e['size']:>12}  {e['sha256'][:12]}  {e['path']}")
 
 
 def models_main(argv: list[str]) -> int:
-    """`textmill models ls [ROOT]` | `textmill models show <model>[@version] [--root URI] [--json]`."""
+    """`textmill models ls [ROOT]` | `textmill models show <model>[@version] [--root URI] [--json]`.
+
+    `ls` exits 1 when a model is broken (listed with `!` and the reason; the others are listed as usual)."""
     p = argparse.ArgumentParser(prog="textmill models", description=models_main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     ls = sub.add_parser("ls", help="models, their live version and val_loss")
@@ -152,9 +180,8 @@ def models_main(argv: list[str]) -> int:
     _common(show)
     args = p.parse_args(argv)
     if args.cmd == "ls":
-        _ls(Registry(_root(args, args.root_pos)))
-    else:
-        _show(Registry(_root(args)), args.ref, args.json)
+        return _ls(Registry(_root(args, args.root_pos)))
+    _show(Registry(_root(args)), args.ref, args.json)
     return 0
 
 
@@ -166,7 +193,10 @@ def rollback_main(argv: list[str]) -> int:
     _common(p)
     args = p.parse_args(argv)
     reg = Registry(_root(args))
-    before = reg.latest(args.model)
+    try:
+        before = reg.latest(args.model)
+    except UntrustedData:  # rollback is how an operator repairs a LATEST that holds garbage
+        before = "(invalid LATEST)"
     reg.rollback(args.model, args.version)
     print(f"{args.model}: {LATEST} {before or '-'} -> {args.version}")
     return 0
