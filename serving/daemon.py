@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 
@@ -143,7 +145,26 @@ class Node:
         elif self._registry_empty and not self.syncer.cached_models():
             raise UserError(f"{self.settings.root}: no models in the registry and none cached in "
                             f"{self.settings.cache_dir}; publish one (`textmill publish`) or pass the right --root")
+        else:
+            self.check_requested()
         self._first = first
+
+    def check_requested(self) -> None:
+        """After a first pass that finished: a `--models` name that is neither in the registry nor cached is a typo,
+        not a model still to come; fail naming it and the models there are. (An unreachable registry proves nothing:
+        then the node keeps retrying.)"""
+        missing = [m for m in self.settings.models if self._live(m) is None and not self.syncer.cached(m)]
+        if not missing:
+            return
+        try:
+            available = self.syncer.registry.models()
+        except Exception as e:  # unreachable now: cannot tell a typo from a model not reachable yet
+            log.warning("cannot check --models against %s (%s: %s)", self.settings.root, type(e).__name__, e)
+            return
+        unknown = [m for m in missing if m not in available]
+        if unknown:
+            raise UserError(f"--models: unknown model(s) {', '.join(unknown)} in {self.settings.root}; available: "
+                            f"{', '.join(available) or 'none'}")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sync-loop", daemon=True)
@@ -202,28 +223,56 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind (not yet listen on) host:port before anything slow starts, so a port in use or a bad host is one line at
+    once; uvicorn then serves on this socket (`Server.run(sockets=...)`), leaving no gap for another process."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve ({e.strerror}); pass an address such as 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old sockets linger
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = ("another process is listening there; stop it or pass --port N" if e.errno == errno.EADDRINUSE else
+                "binding below port 1024 needs privileges; pass --port N" if e.errno == errno.EACCES else
+                "pass another --host/--port")
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; {hint}") from None
+    return sock
+
+
 def main(argv: list[str]) -> int:
     """Run a serving node: sync models from the registry, load them, serve the OpenAI-compatible API, hot-swap new
     versions as they are published, drain on SIGTERM (`textmill serve --root URI [--models a,b] [--port N]`)."""
     p = argparse.ArgumentParser(prog="textmill serve", description=main.__doc__)
     node_settings.add_arguments(p, server=True)
     settings = node_settings.load(p.parse_args(argv))
+    sock = listen_socket(settings.host, settings.port)  # a port in use: one line, exit 2, before any model loads
     metrics = Metrics()
     engine = Engine(EngineOptions(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
                                   max_queue=settings.max_queue, cache_size=settings.cache_size,
                                   cache_ttl=settings.cache_ttl, cpu_threads=settings.cpu_threads), metrics)
     node = Node(settings, engine, Syncer(settings), metrics)
-    node.initial()
+    try:
+        node.initial()
+    except UserError:  # e.g. an unknown --models name: nothing to serve
+        engine.close()
+        sock.close()
+        raise
     state = ServingState(engine, settings, metrics, expected=node.expected)
     config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, lifespan="off",
                             access_log=False, timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None)
     server = DrainingServer(config, state)
     node.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         node.stop()
         engine.close()
+        sock.close()
     if not server.started:
         raise UserError(f"cannot listen on {settings.host}:{settings.port} (port in use?); pass --port")
     log.info("stopped")
