@@ -28,6 +28,26 @@ def tree(folder: Path) -> dict[str, bytes | None]:
     return {p.relative_to(folder).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
 
 
+def set_latest(reg: Registry, model: str, raw: bytes) -> None:
+    reg.fs.pipe_file(reg._path(model, LATEST), raw)
+
+
+def plant_manifest(reg: Registry, model: str, version: str, raw: bytes) -> None:
+    """`raw` as the MANIFEST.json of `model@version` (a folder holding nothing else), and LATEST pointing at it."""
+    reg.fs.makedirs(reg._path(model, version), exist_ok=True)
+    reg.fs.pipe_file(reg._path(model, version, MANIFEST), raw)
+    set_latest(reg, model, f"{version}\n".encode())
+
+
+def plant_version(reg: Registry, name: str, files: list[dict], **fields) -> str:
+    """A crafted MANIFEST.json listing `files`, under a version id that matches them (so only the files are wrong)."""
+    version = make_version(datetime(2030, 1, 1, tzinfo=timezone.utc), files)
+    manifest = {"model": name, "version": version, "created": "2030-01-01T00:00:00Z", "files": files,
+                "metrics": {"val_loss": 1.0}, "provenance": {}, **fields}
+    plant_manifest(reg, name, version, json.dumps(manifest).encode())
+    return version
+
+
 class Node:
     """A registry with one good version of MODEL synced into a cache, and a sentinel folder beside the cache."""
 
@@ -48,21 +68,13 @@ class Node:
         self.top = sorted(p.name for p in tmp.iterdir())
 
     def set_latest(self, raw: bytes) -> None:
-        self.reg.fs.pipe_file(self.reg._path(MODEL, LATEST), raw)
+        set_latest(self.reg, MODEL, raw)
 
     def plant_version(self, files: list[dict], **fields) -> str:
-        """A version folder holding only a crafted MANIFEST.json (with a version id that matches its files), LATEST
-        pointing at it."""
-        version = make_version(datetime(2030, 1, 1, tzinfo=timezone.utc), files)
-        manifest = {"model": MODEL, "version": version, "created": "2030-01-01T00:00:00Z", "files": files,
-                    "metrics": {"val_loss": 1.0}, "provenance": {}, **fields}
-        self.plant_manifest(version, json.dumps(manifest).encode())
-        return version
+        return plant_version(self.reg, MODEL, files, **fields)
 
     def plant_manifest(self, version: str, raw: bytes) -> None:
-        self.reg.fs.makedirs(self.reg._path(MODEL, version), exist_ok=True)
-        self.reg.fs.pipe_file(self.reg._path(MODEL, version, MANIFEST), raw)
-        self.set_latest(f"{version}\n".encode())
+        plant_manifest(self.reg, MODEL, version, raw)
 
     def assert_refused(self, kind: str) -> None:
         """One sync pass refuses the value (kind counted), the old version stays, nothing outside the cache changed."""
@@ -263,3 +275,40 @@ def test_cli_readers_refuse_hostile_values_in_one_line(tmp_path):
     roll = run_cli("rollback", MODEL, node.v1, "--root", root, cwd=tmp_path)
     assert roll.returncode == 0, roll.stderr
     assert node.reg.latest(MODEL) == node.v1 and tree(node.sentinel) == node.before
+
+
+# ------------------------------------------------------------------------------------------------------ a serving node
+
+def test_serving_node_keeps_serving_and_counts_rejections(tiny_export, tmp_path):
+    """A real `textmill serve` following a bucket that turns hostile: /metrics counts each refusal by kind, the old
+    version keeps answering, the sentinel beside the cache is untouched. (The node's wiring does not depend on the
+    root: every hostile form runs against both roots above; one node start here keeps the suite fast.)"""
+    import httpx
+
+    from tests.fixtures.server import ServeProcess
+
+    registry_root = str(tmp_path / "bucket")
+    reg = Registry(registry_root)
+    v1 = reg.publish("tiny", tiny_export, metrics={"val_loss": 5.0}, provenance={}, progress=False).version
+    node = ServeProcess(registry_root, tmp_path / "node", models="tiny", args=["--poll-interval", "0.2"])
+    sentinel = tmp_path / "node" / "sentinel"   # `<cache>/tiny/../../sentinel`
+    sentinel.mkdir(parents=True)
+    (sentinel / "keep.txt").write_text("precious")
+    try:
+        node.wait_ready()
+        for kind, plant in (("latest", lambda: set_latest(reg, "tiny", b"../../sentinel\n")),
+                            ("manifest_path", lambda: plant_version(reg, "tiny", [entry("../../sentinel/keep.txt")]))):
+            before = node.metric("textmill_sync_rejected_total", model="tiny", kind=kind)
+            plant()
+            deadline = time.monotonic() + 30
+            while node.metric("textmill_sync_rejected_total", model="tiny", kind=kind) <= before:
+                assert time.monotonic() < deadline, node.log()
+                time.sleep(0.2)
+            answer = httpx.post(node.url + "/v1/completions", headers=node.headers(), timeout=30,
+                                json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
+            assert answer.status_code == 200 and answer.json()["model_version"] == v1
+            assert node.version("tiny") == v1
+        assert tree(sentinel) == {"keep.txt": b"precious"}
+        assert sorted(p.name for p in (node.cache / "tiny").iterdir()) == [v1]
+    finally:
+        node.terminate()
