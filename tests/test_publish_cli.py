@@ -158,3 +158,25 @@ def test_publish_cli_subprocess_against_gcs(project, gcs_bucket):
                           cwd=project, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert Registry(root).latest("abstracts") == receipt(project)["version"]
+
+
+def test_models_ls_lists_the_others_and_marks_a_broken_model(project, registry_root, capsys):
+    from tests.test_untrusted_bucket import entry, plant_version, set_latest
+
+    reg = Registry(registry_root)
+    good = reg.publish("abstracts", project / "models" / "export" / "abstracts", metrics={"val_loss": 1.25},
+                       provenance={}, progress=False).version
+    for model in ("legal", "news"):
+        reg.publish(model, make_export(project / model, seed=2), metrics={"val_loss": 2.0}, provenance={}, progress=False)
+    set_latest(reg, "legal", b"../../etc\n")                        # LATEST holds a path
+    plant_version(reg, "news", [entry("/etc/passwd")])              # live manifest lists an absolute path
+    reg.fs.makedirs(reg._path("bad\x1b[31mname"), exist_ok=True)     # a folder name with a terminal escape
+    set_latest(reg, "bad\x1b[31mname", f"{good}\n".encode())
+    assert textmill(["models", "ls", registry_root]) == 1
+    out, err = capsys.readouterr()
+    rows = {line[2:].split()[0]: line for line in out.splitlines()[1:]}
+    assert rows["abstracts"].startswith("  ") and good in rows["abstracts"] and "1.2500" in rows["abstracts"]
+    assert rows["legal"].startswith("! ") and "BROKEN" in rows["legal"] and "not a version id" in rows["legal"]
+    assert rows["news"].startswith("! ") and "/etc/passwd" in rows["news"]
+    assert "\x1b" not in out and "'bad\\x1b[31mname'" in out
+    assert "3 broken model(s)" in err
