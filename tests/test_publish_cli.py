@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_registry import make_export
 from textmill.cli import main as textmill
-from textmill.registry import Registry
+from textmill.registry import Registry, export_identity
 
 REPO = Path(__file__).resolve().parent.parent
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "init.defaultBranch=main"]
@@ -53,8 +53,11 @@ def project(tmp_path, monkeypatch):
 
 
 def set_loss(proj: Path, loss: float) -> None:
+    """An evaluation report for the export as it is now (what `textmill evaluate` writes, minus the scoring)."""
     (proj / "reports" / "eval").mkdir(parents=True, exist_ok=True)
-    (proj / "reports" / "eval" / "abstracts.json").write_text(json.dumps({"val_loss": loss, "perplexity": 7.4}))
+    identity = export_identity(proj / "models" / "export" / "abstracts")
+    (proj / "reports" / "eval" / "abstracts.json").write_text(json.dumps({"val_loss": loss, "perplexity": 7.4,
+                                                                           "export": identity}))
 
 
 def receipt(proj: Path) -> dict:
@@ -80,6 +83,8 @@ def test_publish_writes_receipt_and_provenance(project, registry_root, capsys):
                                 "train@abstracts": {"models/runs/abstracts": "cccc.dir"}}
     assert prov["corpora"] == ["abstracts"] and prov["base"]["init"] == "scratch"
     assert prov["export"] == {"run": "models/runs/m", "step": 1}
+    assert prov["evaluated_export"] == export_identity(project / "models" / "export" / "abstracts")["content_hash"]
+    assert rec["published_at"].endswith("Z")
 
     # Same content again: a no-op that says so.
     assert textmill(["publish", "abstracts", "--root", registry_root, "--no-progress"]) == 0
@@ -99,6 +104,7 @@ def test_publish_gate_and_force_from_the_cli(project, registry_root, capsys):
     assert Registry(registry_root).latest("abstracts") == first
     # --set publish.tolerance loosens the gate; a content change makes it a new version.
     (project / "models" / "export" / "abstracts" / "config.json").write_text('{"v": 3}')
+    set_loss(project, 2.5)
     assert textmill(["publish", "abstracts", "--root", registry_root, "--no-progress", "--force"]) == 0
     assert receipt(project)["moved_latest"] and Registry(registry_root).latest("abstracts") == receipt(project)["version"]
 

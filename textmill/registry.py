@@ -81,6 +81,7 @@ class PublishResult:
     live_val_loss: float | None = None
     new_val_loss: float | None = None
     live_version: str | None = None  # LATEST before this publish (None: first version of the model)
+    back_to_older: bool = False      # the content equals an older, non-live version: LATEST moves (back) to that one
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -219,6 +220,32 @@ def content_hash(entries: Iterable[dict[str, Any]]) -> str:
     for path, sha in sorted((e["path"], e["sha256"]) for e in entries):
         h.update(f"{path}\0{sha}\n".encode())
     return h.hexdigest()
+
+
+def export_identity(folder: Path) -> dict[str, Any]:
+    """What identifies an export folder's content: `{"content_hash": <sha256 hex of content_hash>, "files": {path:
+    sha256}}` over every file (the same hashing publish does). `evaluate` records it in its report; `publish` refuses
+    a report whose identity differs from the folder it is about to upload."""
+    entries = file_entries(Path(folder))
+    return {"content_hash": content_hash(entries), "files": {e["path"]: e["sha256"] for e in entries}}
+
+
+def identity_mismatch(scored: Any, entries: list[dict[str, Any]]) -> str | None:
+    """None when `scored` (an `export_identity` from a report) names exactly the files in `entries`, else a short
+    account of the difference (changed / added / removed files and both content hashes)."""
+    actual = content_hash(entries)
+    if not isinstance(scored, dict) or not isinstance(scored.get("files"), dict):
+        return "the report does not identify the export it scored (written before reports did)"
+    if scored.get("content_hash") == actual:
+        return None
+    have = {e["path"]: e["sha256"] for e in entries}
+    want = scored["files"]
+    parts = [f"{label}: {', '.join(shown(p) for p in sorted(paths)[:5])}" for label, paths in (
+        ("changed since", [p for p in have if p in want and want[p] != have[p]]),
+        ("added since", [p for p in have if p not in want]),
+        ("removed since", [p for p in want if p not in have])) if paths]
+    return (f"it scored content {shown(str(scored.get('content_hash'))[:12])}, the folder now holds {actual[:12]!r} "
+            f"({'; '.join(parts) or 'same files, different hash'})")
 
 
 def make_version(created: datetime, entries: Iterable[dict[str, Any]]) -> str:
@@ -465,14 +492,20 @@ class Registry:
     # ----------------------------------------------------------------------------------------------------- write side
     def publish(self, model: str, export_dir: Path, *, metrics: dict, provenance: dict, force: bool = False,
                 tolerance: float = 0.05, progress: bool = True,
-                on_uploaded: Callable[[str], None] | None = None) -> PublishResult:
+                on_uploaded: Callable[[str], None] | None = None,
+                scored: tuple[str, dict] | None = None) -> PublishResult:
         """Upload `export_dir` as a new version, then move LATEST to it unless the gate refuses (see module doc).
 
+        `scored=(what, identity)`: the `export_identity` that `metrics` were computed on, from the report named `what`;
+        when it does not match the folder being published, nothing is uploaded and UserError names both.
         `on_uploaded(path)` is called after each file (relative path; MANIFEST.json last) — for progress hooks and tests.
         """
         check_model_name(model)
         new_loss = _val_loss(metrics, f"metrics for {model}")
         entries = file_entries(Path(export_dir))
+        if scored is not None and (problem := identity_mismatch(scored[1], entries)):
+            raise UserError(f"{scored[0]} does not match {export_dir}: {problem}; re-run `textmill evaluate {model}` "
+                            "(or `dvc repro`) so the gate judges what is published")
         digest = content_hash(entries)[:HASH_CHARS]
         existing = self.versions(model)
         same = [v for v in existing if v.endswith("-" + digest)]
@@ -483,7 +516,17 @@ class Registry:
                                      f"{same[-1]}, the live version; nothing uploaded", None, new_loss, live)
             # Uploaded before but not live (the gate refused it, or it was rolled back): nothing to upload, but the
             # gate (or --force) decides about LATEST again, so `publish --force` after a refusal does what it says.
-            return self._move_latest(model, same[-1], new_loss, force=force, tolerance=tolerance)
+            # If it moves, LATEST goes *back* to an older id: say so plainly, it is easy to mistake for a new version.
+            result = self._move_latest(model, same[-1], new_loss, force=force, tolerance=tolerance)
+            older = live is not None and same[-1] < live
+            what = f"{model}: this export is identical to {'the older' if older else 'the'} version {same[-1]} " \
+                   "(nothing uploaded); "
+            if result.moved_latest:
+                result.back_to_older = older
+                result.message = what + (f"LATEST moves BACK to it from {live}. " if older else "") + result.message
+            else:
+                result.message = what + result.message
+            return result
         created = _next_time(existing)
         version = make_version(created, entries)
         manifest = {"model": model, "version": version, "created": created.isoformat().replace("+00:00", "Z"),

@@ -73,8 +73,12 @@ def provenance(cfg: tm_config.Config, model: str, export: Path) -> dict[str, Any
         "corpora": list(spec.corpora),
         "export": _read_json(export / "textmill.json", "export provenance (textmill.json)",
                              f"re-run `textmill convert` for {model}") if (export / "textmill.json").exists() else None,
-        "published_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "published_at": _now(),
     }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def publish_main(argv: list[str]) -> int:
@@ -90,13 +94,15 @@ def publish_main(argv: list[str]) -> int:
     export = Path(cfg.paths.export) / args.model
     eval_report = Path(cfg.paths.reports) / "eval" / f"{args.model}.json"
     metrics = _read_json(eval_report, "evaluation report", f"run `textmill evaluate {args.model}` (or `dvc repro`) first")
-    if "val_loss" not in metrics:
+    if not isinstance(metrics, dict) or "val_loss" not in metrics:
         raise UserError(f"{eval_report}: no `val_loss` key; re-run `textmill evaluate {args.model}`")
+    scored = metrics.pop("export", None)  # which export the numbers belong to: checked against the folder, not shipped
     root = args.root or cfg.publish.root
-    result = Registry(root).publish(args.model, export, metrics=metrics, provenance=provenance(cfg, args.model, export),
+    prov = {**provenance(cfg, args.model, export), "evaluated_export": scored.get("content_hash") if isinstance(scored, dict) else None}
+    result = Registry(root).publish(args.model, export, metrics=metrics, provenance=prov,
                                     force=args.force or cfg.publish.force, tolerance=cfg.publish.tolerance,
-                                    progress=not args.no_progress)
-    receipt = {"model": args.model, "root": root, **result.to_dict()}
+                                    progress=not args.no_progress, scored=(str(eval_report), scored))
+    receipt = {"model": args.model, "root": root, **result.to_dict(), "published_at": _now()}
     storage.write_json_atomic(Path(cfg.paths.reports) / "publish" / f"{args.model}.json", receipt)
     print(result.message)
     return 0

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from textmill import config as textmill_config
 from textmill.errors import UserError
+from textmill.registry import export_identity
 from textmill.storage import read_json, write_json_atomic, write_text_atomic
 from training import data
 
@@ -97,11 +98,16 @@ def write_samples(model, tok, cfg: textmill_config.EvaluateConfig, path: Path, h
 
 
 def evaluate(cfg: textmill_config.Config, name: str, *, compare: bool = True) -> dict[str, Any]:
-    """Compute, check and write reports/eval/<name>.json and -samples.md; returns the report."""
+    """Compute, check and write reports/eval/<name>.json and -samples.md; returns the report.
+
+    The report's `export` field is the scored folder's `registry.export_identity` ({content_hash, files: {path:
+    sha256}}), hashed before the model is scored; `textmill publish` refuses the report for any other content."""
     cfg.model_spec(name)
     export_dir, tokens_dir = Path(cfg.paths.export) / name, Path(cfg.paths.tokens) / name
     reports = Path(cfg.paths.reports)
     model, tok, provenance = load_export(export_dir)
+    # Hashed before scoring: the report names the exact bytes it judged, and `publish` refuses any other folder.
+    identity = export_identity(export_dir)
     tokens = data.open_tokens(tokens_dir, "val")
     if len(tokens) and int(tokens.max()) >= model.config.vocab_size:
         raise UserError(f"{tokens_dir}/val.bin: id {int(tokens.max())} is outside the model's vocabulary "
@@ -115,7 +121,8 @@ def evaluate(cfg: textmill_config.Config, name: str, *, compare: bool = True) ->
     diff = None if reference is None else abs(loss - reference)
     report = {"model": name, "step": step, "val_loss": loss, "perplexity": math.exp(loss),
               "tokens": data.eval_token_count(tokens), "n_ctx": n_ctx, "train_val_loss": reference,
-              "train_val_loss_from": origin or None, "abs_diff": diff, "loss_tolerance": cfg.evaluate.loss_tolerance}
+              "train_val_loss_from": origin or None, "abs_diff": diff, "loss_tolerance": cfg.evaluate.loss_tolerance,
+              "export": identity}
     if compare and reference is None:
         raise UserError(f"{report_path}: no trainer val loss for step {step} (nor in "
                         f"{export_dir}/textmill.json) to compare with; pass --no-compare to evaluate anyway")
