@@ -151,6 +151,25 @@ def test_odd_cached_names_are_never_followed_out_of_the_cache(node):
     assert result.rejected == "symlink" and tree(node.sentinel) == node.before
 
 
+def test_a_cached_file_symlinked_out_of_the_cache_is_not_reused(node, tmp_path):
+    # A cached v1 file replaced by a symlink to a file outside the cache with the same bytes: the next version must not
+    # hardlink (through the symlink) to that outside file; it downloads its own copy.
+    cached_config = node.cache / MODEL / node.v1 / "config.json"
+    outside = node.sentinel / "same-bytes.json"
+    outside.write_bytes(cached_config.read_bytes())
+    node.before = tree(node.sentinel)
+    cached_config.unlink()
+    cached_config.symlink_to(outside)
+    export2 = make_export(tmp_path / "export2", seed=1)
+    (export2 / "textmill.json").write_text('{"note": "v2 shares config.json with v1"}')
+    v2 = node.reg.publish(MODEL, export2, metrics={"val_loss": 1.9}, provenance={}, progress=False).version
+    [result] = node.syncer.sync_once()
+    assert result.error is None and result.latest == v2
+    new_config = node.cache / MODEL / v2 / "config.json"
+    assert not new_config.is_symlink() and os.stat(new_config).st_ino != os.stat(outside).st_ino
+    assert tree(node.sentinel) == node.before
+
+
 # -------------------------------------------------------------------------------------------------------- MANIFEST paths
 
 def entry(path, data: bytes = b"x") -> dict:
