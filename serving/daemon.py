@@ -153,15 +153,11 @@ class Node:
         """After a first pass that finished: a `--models` name that is neither in the registry nor cached is a typo,
         not a model still to come; fail naming it and the models there are. (An unreachable registry proves nothing:
         then the node keeps retrying.)"""
-        missing = [m for m in self.settings.models if self._live(m) is None and not self.syncer.cached(m)]
-        if not missing:
-            return
         try:
-            available = self.syncer.registry.models()
+            unknown, available = self.syncer.unknown([m for m in self.settings.models if self._live(m) is None])
         except Exception as e:  # unreachable now: cannot tell a typo from a model not reachable yet
             log.warning("cannot check --models against %s (%s: %s)", self.settings.root, type(e).__name__, e)
             return
-        unknown = [m for m in missing if m not in available]
         if unknown:
             raise UserError(f"--models: unknown model(s) {', '.join(unknown)} in {self.settings.root}; available: "
                             f"{', '.join(available) or 'none'}")

@@ -144,6 +144,15 @@ class Syncer:
     def models(self) -> list[str]:
         return list(self.settings.models) or self.registry.models()
 
+    def unknown(self, models: list[str]) -> tuple[list[str], list[str]]:
+        """(names in `models` that are neither in the registry nor cached, the registry's models): a typo in --models.
+        Lists the registry (raises its errors: an unreachable registry cannot tell a typo from a model to come)."""
+        missing = [m for m in models if not self.cached(m)]
+        if not missing:
+            return [], []
+        available = self.registry.models()
+        return [m for m in missing if m not in available], available
+
     def sync_model(self, model: str, *, progress: bool = False) -> SyncResult:
         """Make the registry's LATEST of `model` present and verified in the cache (download only what changed).
 
@@ -203,6 +212,14 @@ def main(argv: list[str]) -> int:
     results = syncer.sync_once(progress=True)
     if not results:
         raise UserError(f"{settings.root}: no models in the registry (publish one with `textmill publish`)")
+    if settings.models and any(r.latest is None and r.rejected is None for r in results):
+        try:
+            unknown, available = syncer.unknown(list(settings.models))
+        except Exception:  # unreachable: the per-model errors printed below say so
+            unknown, available = [], []
+        if unknown:
+            raise UserError(f"--models: unknown model(s) {', '.join(unknown)} in {settings.root}; available: "
+                            f"{', '.join(available) or 'none'}")
     for r in results:
         state = "error: " + r.error if r.error else ("downloaded" if r.downloaded else "up to date")
         print(f"{r.model}: {r.latest or '-'} {state}")

@@ -120,3 +120,11 @@ def test_set_overrides_beat_the_environment(tmp_path):
     args = p.parse_args(["--root", str(tmp_path), "--set", "serving.max_queue=5"])
     assert node_settings.load(args, env={"TEXTMILL_MAX_QUEUE": "99"}).max_queue == 5
     assert node_settings.load(p.parse_args(["--root", str(tmp_path)]), env={"TEXTMILL_MAX_QUEUE": "99"}).max_queue == 99
+
+
+def test_sync_cli_unknown_model_names_the_available_ones(registry_root, tiny_export, tmp_path):
+    publish(registry_root, tiny_export)
+    typo = run_cli("sync", "--root", registry_root, "--models", "tinny", "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert f"unknown model(s) tinny in {registry_root}; available: {MODEL}" in typo.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cache" / "tinny").exists()
