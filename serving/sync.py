@@ -192,7 +192,8 @@ class Syncer:
                 result = self.sync_model(model, progress=progress)
             except Exception as e:  # unreachable bucket, failed verification, bad manifest: this model waits, others go on
                 log.error("model %s: sync failed: %s: %s", model, type(e).__name__, e)
-                result = SyncResult(model, None, None, error=str(e), rejected=getattr(e, "kind", None))
+                result = SyncResult(model, None, None, error=str(e),
+                                    rejected=e.kind if isinstance(e, UntrustedData) else None)
             if result.cached is not None:
                 keep = {result.latest} | ({protect[model]} if protect and model in protect else set())
                 self.prune(model, keep)
