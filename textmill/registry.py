@@ -262,9 +262,10 @@ def version_time(version: str) -> datetime | None:
 
 
 def verify_folder(folder: Path, manifest: dict) -> None:
-    """Check every MANIFEST file in `folder` (size, then sha256); raise VerificationError listing each bad one."""
+    """Check every MANIFEST file in `folder` (size, then sha256); raise VerificationError listing each bad one
+    (UntrustedData for a path that is not a safe relative path: nothing outside `folder` is read)."""
     folder = Path(folder)
-    problems = [p for e in manifest["files"] if (p := _check_file(folder / e["path"], e))]
+    problems = [p for e in manifest["files"] if (p := _check_file(folder / check_file_path(e["path"]), e))]
     if problems:
         raise VerificationError(f"{folder}: {len(problems)} file(s) do not match {MANIFEST}: " + "; ".join(problems))
 
