@@ -195,6 +195,25 @@ def test_stop_cancels_the_generation_on_the_server(page, server):
     assert page.errors == []
 
 
+def test_suggest_as_i_pause_and_escape_dismisses(page, server):
+    p = page.page
+    page.use_key(API_KEY)
+    expect(p.locator("#continue")).to_be_enabled()
+    p.fill("#length", "5")
+    p.fill("#seed", "11")
+    p.check("#auto")
+    p.click("#text")
+    p.keyboard.type("Permission is", delay=20)  # no click on Continue: the pause asks for a suggestion
+    expect(p.locator("#meta")).to_have_attribute("data-seed", "11")
+    expect(p.locator("#suggestion")).to_be_visible()
+    p.keyboard.press("Escape")
+    expect(p.locator("#suggestion")).to_be_hidden()
+    p.keyboard.type(" hereby")  # typing dismisses a stale suggestion and asks again after the pause
+    p.fill("#seed", "12")
+    expect(p.locator("#meta")).to_have_attribute("data-seed", "12")
+    assert p.input_value("#text") == "Permission is hereby" and page.errors == []
+
+
 def test_over_long_requests_show_the_context_error_with_both_numbers(page, server):
     p = page.page
     page.use_key(API_KEY)
