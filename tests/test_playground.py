@@ -151,6 +151,9 @@ def test_page_streams_a_reproducible_suggestion_and_tab_accepts_it(page, server,
     assert p.input_value("#text") == prompt  # shown apart from the text until accepted
     with connect(ws_url(server), additional_headers=server.headers()) as ws:  # the shown seed reproduces it
         assert ws_generate(ws, prompt=prompt, max_tokens=24, seed=7, temperature=0.9)["text"] == suggestion
+    http = httpx.post(server.url + "/v1/completions", headers=server.headers(), timeout=30,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": 24, "seed": 7, "temperature": 0.9})
+    assert http.json()["choices"][0]["text"] == suggestion
     shot = tmp_path / "playground.png"
     p.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
