@@ -221,6 +221,11 @@ def test_over_long_requests_show_the_context_error_with_both_numbers(page, serve
     p = page.page
     page.use_key(API_KEY)
     expect(p.locator("#continue")).to_be_enabled()
+    for seed in ("-3", "1e30"):  # refused in the page, before a request: no rounding of what would be shown
+        page.write("The quick", length=4, seed=seed)
+        p.click("#continue")
+        expect(p.locator("#error-title")).to_have_text("Seed not usable.")
+        expect(p.locator("#stop")).to_be_disabled()
     cases = [  # (text, length, what the message must say)
         ("The quick brown fox jumps over the lazy dog. " * 40, 40, r"context length is 256 tokens\. However, you "
          r"requested (\d+) tokens \((\d+) in the prompt, 40 for the completion\)"),
@@ -351,4 +356,5 @@ def test_draining_node_shows_shutting_down(page, server):
         expect(p.locator("#error-message")).to_contain_text("reload the page")
         p.reload()  # a reload lists models over HTTP: the same answer
         expect(p.locator("#error-title")).to_have_text("Server shutting down.")
+    page.context.close()  # else uvicorn waits out its graceful-close time for the page's open socket
     assert server.proc.wait(timeout=30) == 0, server.log()  # the in-flight request left: the drain ends, exit 0

@@ -242,9 +242,15 @@ async function diagnoseRefusal() {
 
 // ---- a request -----------------------------------------------------------------------------------------------------
 
+// The request the controls describe, or null (and a message) when the seed field holds no usable seed.
 function requestBody() {
   const pinned = $("seed").value.trim();
   const seed = pinned === "" ? crypto.getRandomValues(new Uint32Array(1))[0] : Number(pinned);
+  if (!Number.isSafeInteger(seed) || seed < 0) {  // larger ones would be rounded by JSON numbers in the browser
+    showError({ title: "Seed not usable.", message: "The seed must be a whole number from 0 to "
+                + Number.MAX_SAFE_INTEGER + ", or empty for a random one." });
+    return null;
+  }
   return {
     prompt: $("text").value,
     max_tokens: Math.max(1, Math.floor(Number($("length").value) || 1)),
@@ -254,7 +260,7 @@ function requestBody() {
 }
 
 async function generate(model, body) {
-  if (state.busy || !model) return;
+  if (state.busy || !model || !body) return;
   state.lastRequest = { model, body };
   clearError();
   setSuggestion("");
@@ -277,7 +283,8 @@ async function generate(model, body) {
 }
 
 function continueText() {
-  generate($("model").value, requestBody());
+  const body = requestBody();
+  if (body) generate($("model").value, body);
 }
 
 function retry() {
@@ -296,6 +303,7 @@ function onMessage(ws, event) {
     setBusy(false);
     setStatus("");
     showApiError(msg.error);
+    if (msg.error.status === 404) loadModels().then(() => showApiError(msg.error));  // the node's models changed
     return;
   }
   if (msg.type === "update") {
