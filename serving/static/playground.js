@@ -278,6 +278,7 @@ async function generate(model, body) {
     await diagnoseRefusal();
     return;
   }
+  if (state.stopping) return;  // Stop was pressed while the socket was opening
   setStatus("Writing… (seed " + body.seed + ")");
   ws.send(JSON.stringify(body));
 }
