@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from uvicorn.protocols.utils import ClientDisconnected
 
-from serving import protocol
+from serving import playground, protocol
 from serving.batcher import ModelWorker, Retired
 from serving.engine import Engine, QueueFull, UnknownModel
 from serving.generation import Event, Generation
@@ -150,7 +150,7 @@ def _submit_job(state: ServingState, model: str, fields: GenerationFields) -> Jo
                            f"{len(prompt_ids) + fields.max_tokens} tokens ({len(prompt_ids)} in the prompt, "
                            f"{fields.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded", version=worker.version)
-    seed = state.settings.default_seed if fields.seed is None else fields.seed
+    seed = request_seed(state, fields)
     sub, gens = Subscription(), []
     try:
         for prompt, prompt_ids in zip(fields.prompts(), ids):
@@ -168,6 +168,11 @@ def _submit_job(state: ServingState, model: str, fields: GenerationFields) -> Jo
         sub.close()  # the part already submitted to the old version is cancelled (unless shared)
         raise
     return Job(worker, gens, sum(len(i) for i in ids), sub)
+
+
+def request_seed(state: ServingState, fields: GenerationFields) -> int:
+    """The seed of choice 0 (choice j uses seed + j): the request's, else the node's `default_seed`."""
+    return state.settings.default_seed if fields.seed is None else fields.seed
 
 
 def engine_error(event: Event, version: str) -> ApiError:
@@ -199,6 +204,7 @@ def create_app(state: ServingState) -> FastAPI:
         await websocket_session(state, websocket, model)
 
     _health_routes(app, state)
+    playground.mount(app)
     return app
 
 
@@ -312,10 +318,11 @@ async def stream_completion(state: ServingState, job: Job, body: CompletionReque
 
 async def websocket_session(state: ServingState, ws: WebSocket, model: str) -> None:
     """One JSON request at a time: updates every `stream_every` tokens, then a final message; errors keep the socket."""
-    if not api_key_guard(state.settings.api_keys).check(ws.headers.get("authorization")):
+    authorization, subprotocol = playground.websocket_credentials(ws)  # browsers send the key as a subprotocol
+    if not api_key_guard(state.settings.api_keys).check(authorization):
         await ws.close(code=1008, reason="invalid API key")
         return
-    await ws.accept()
+    await ws.accept(subprotocol=subprotocol)
     try:
         while True:
             raw = await ws.receive_text()
@@ -368,7 +375,8 @@ async def websocket_generate(state: ServingState, ws: WebSocket, model: str, raw
         state.inflight -= 1
         job.sub.close()
     choices = [{"index": i, "text": texts[i], "finish_reason": done[i].finish_reason} for i in range(len(job.gens))]
-    await ws.send_json({"type": "done", "model": model, "version": job.worker.version, "choices": choices,
+    await ws.send_json({"type": "done", "model": model, "version": job.worker.version, "seed": request_seed(state, fields),
+                        "choices": choices,
                         "text": choices[0]["text"], "finish_reason": choices[0]["finish_reason"],
                         "usage": protocol.usage(job.prompt_tokens, sum(g.tokens for g in job.gens))})
 
