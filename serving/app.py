@@ -477,7 +477,13 @@ def info_body(state: ServingState) -> dict:
     return {"models": models, "failed_loads": dict(state.engine.failed), "draining": state.draining,
             "registry": s.root, "limits": {"max_batch_size": s.max_batch_size, "max_queue": s.max_queue,
                                           "max_n": protocol.MAX_N, "stream_every": s.stream_every,
-                                          "api_keys_required": bool(s.api_keys)}}
+                                          "api_keys_required": bool(s.api_keys),
+                                          **{k: getattr(s, k) for k in LIMIT_FIELDS}}}
+
+
+# the limits of docs/serving.md "Security and limits", shown under /info "limits" with the values in force
+LIMIT_FIELDS = ("max_body_bytes", "body_timeout", "header_timeout", "keep_alive_timeout", "max_connections",
+                "max_websockets", "ws_idle_timeout")
 
 
 def new_request_id() -> str:
