@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
 from serving import protocol
@@ -532,6 +533,8 @@ class RequestMiddleware:
         except ApiError as e:  # raised outside a route's handlers (e.g. while reading the body for one)
             if not sent[0]:
                 await e.response()(scope, receive, send_status)
+        except (ClientDisconnect, ClientDisconnected):  # the client left mid-request (or was closed by a limit)
+            status[0] = "499"
         except Exception:
             log.exception("%s %s request %s failed", scope.get("method"), path, request_id)
             self.state.metrics.internal_errors.labels(endpoint).inc()

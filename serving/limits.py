@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving import protocol
@@ -78,8 +79,9 @@ class GuardedH11Protocol(H11Protocol):
     - A request's head must arrive within `header_timeout` s of the connection opening, or of its first byte on a
       kept-alive connection (idle kept-alive sockets are uvicorn's `timeout_keep_alive`'s); else 408 and close.
     - Over `max_connections` open sockets, the connection idle longest (no request in progress, not a WebSocket) is
-      closed to make room; when none is idle, the new one gets 503 and is closed. WebSockets are bounded by the app
-      (`max_websockets`, at most half the cap), so plain HTTP such as `/live` always finds a socket.
+      closed to make room, else the oldest one still sending its request body (slow-body floods); when there is
+      neither, the new one gets 503 and is closed. WebSockets are bounded by the app (`max_websockets`, at most half
+      the cap), so plain HTTP such as `/live` always finds a socket.
     """
 
     guard: ConnectionGuard  # set by guarded_protocol()
@@ -126,16 +128,21 @@ class GuardedH11Protocol(H11Protocol):
     def _open_count(self) -> int:
         return sum(1 for c in self.connections if not _closing(c))
 
+    def _receiving_body(self) -> bool:
+        return not self._upgraded and self.conn.their_state is h11.SEND_BODY
+
     def _evict_idle(self) -> bool:
-        idle = [c for c in self.connections
-                if isinstance(c, GuardedH11Protocol) and c is not self and c._idle() and not _closing(c)]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda c: c._idle_since)
-        victim._cancel_header_timer()
-        victim.transport.close()
-        self.guard.on_limit("idle_evicted")
-        return True
+        others = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self and not _closing(c)]
+        for kind, waiting in (("idle_evicted", GuardedH11Protocol._idle),
+                              ("slow_body_evicted", GuardedH11Protocol._receiving_body)):
+            candidates = [c for c in others if waiting(c)]
+            if candidates:
+                victim = min(candidates, key=lambda c: c._idle_since)
+                victim._cancel_header_timer()
+                victim.transport.close()
+                self.guard.on_limit(kind)
+                return True
+        return False
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()

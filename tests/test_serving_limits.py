@@ -157,6 +157,19 @@ def test_big_bodies_do_not_grow_memory_or_stall_live(server):
     assert server.metric("textmill_limit_hits_total", limit="max_body_bytes") >= 4
 
 
+def test_client_leaving_mid_body_is_499_not_a_traceback(server):
+    before = server.metric("textmill_requests_total", endpoint="/v1/completions", status="499")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                  f"Content-Length: 500\r\n\r\n{{\"model\": \"tiny\", ".encode())
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while server.metric("textmill_requests_total", endpoint="/v1/completions", status="499") == before:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert server.metric("textmill_internal_errors_total") == 0
+
+
 def test_slow_body_gets_408(server):
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
             f"Content-Length: 100\r\n\r\n").encode()
@@ -197,8 +210,11 @@ def test_socket_flood_under_low_open_files_limit_keeps_live_completion_and_sync(
     try:
         for i in range(300):
             s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            if i % 2:
+            if i % 3 == 1:
                 s.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+            elif i % 3 == 2:  # never finishes its body
+                s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                          f"Content-Length: 1000\r\n\r\n{{\"model\":".encode())
             socks.append(s)
         refused = 0
         for _ in range(MAX_WEBSOCKETS + 4):
@@ -223,6 +239,25 @@ def test_socket_flood_under_low_open_files_limit_keeps_live_completion_and_sync(
             s.close()
         for ws in sockets_ws:
             ws.close()
+
+
+def test_slow_body_flood_keeps_live(server):
+    """Sockets that finished their headers but never their bodies are not idle; over the cap they are closed oldest
+    first, so `/live` still gets a socket within body_timeout."""
+    socks = []
+    try:
+        for _ in range(OPEN_FILES - 128 + 40):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                      f"Content-Length: 1000\r\n\r\n{{".encode())
+            socks.append(s)
+        started = time.monotonic()
+        assert httpx.get(server.url + "/live", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1.0
+        assert server.metric("textmill_limit_hits_total", limit="slow_body_evicted") > 0
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_connection_cap_follows_the_open_files_limit(server):
