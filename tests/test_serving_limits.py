@@ -309,6 +309,15 @@ def test_bad_json_bodies_are_openai_400(server, name):
     assert r.headers["x-request-id"].startswith("req_")
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46])
+def test_top_p_below_float32_range_is_greedy_not_a_500(server, top_p):
+    """top_p under float32's smallest value once dropped every token (NaN probabilities) and failed the whole batch."""
+    body = {"prompt": "The quick", "max_tokens": 6, "stop": [f"\x00{top_p}"]}  # own cache key per case
+    tiny = complete(server, top_p=top_p, seed=3, **body)
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == complete(server, temperature=0, **body).json()["choices"][0]["text"]
+
+
 @pytest.mark.parametrize("method, path, status, code", [
     ("GET", "/nope", 404, "not_found"), ("POST", "/v1/chat/completions", 404, "not_found"),
     ("GET", "/v1/completions", 405, "method_not_allowed"), ("DELETE", "/live", 405, "method_not_allowed"),
