@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -187,6 +186,13 @@ def test_incomplete_headers_get_408_after_header_timeout(server, sent):
     status, body = status_and_json(raw_request(server, sent))
     assert status == 408 and assert_openai_error(body, "header_timeout")
     assert HEADER_TIMEOUT - 0.2 < time.monotonic() - started < HEADER_TIMEOUT + 3
+
+
+def test_oversized_request_head_is_refused_without_buffering_it(server):
+    """h11 holds at most 16 KiB of an incomplete request head (uvicorn h11_max_incomplete_event_size); 40 kB is 400."""
+    for head in (b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n",
+                 b"GET /" + b"a" * 40_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+        assert raw_request(server, head).startswith(b"HTTP/1.1 400")
 
 
 def test_silent_and_kept_alive_sockets_are_closed(server):
