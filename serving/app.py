@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -18,13 +19,15 @@ from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
 from serving import playground, protocol
 from serving.batcher import ModelWorker, Retired
 from serving.engine import Engine, QueueFull, UnknownModel
 from serving.generation import Event, Generation
+from serving.limits import BodyLimit
 from serving.metrics import Metrics
 from serving.protocol import VERSION_HEADER, ApiError, CompletionRequest, GenerationFields
 from serving.sampling import SamplingParams
@@ -49,6 +52,7 @@ class ServingState:
     expected: list[str] = field(default_factory=list)   # models that must be loaded for /ready
     draining: bool = False
     inflight: int = 0
+    websockets: int = 0
 
 
 class Subscription:
@@ -182,12 +186,16 @@ def engine_error(event: Event, version: str) -> ApiError:
 
 def create_app(state: ServingState) -> FastAPI:
     app = FastAPI(title="textmill serving", version="1")
-    app.add_middleware(RequestMiddleware, state=state)
+    s = state.settings
+    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout,
+                       on_limit=lambda name: state.metrics.limit_hits.labels(name).inc())
+    app.add_middleware(RequestMiddleware, state=state)  # added last = outermost: sees every answer, even a 413
     _exception_handlers(app)
     auth = Depends(api_key_guard(state.settings.api_keys))
 
     @app.post("/v1/completions", dependencies=[auth])
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = protocol.parse_request(await request.body(), CompletionRequest)
         job = start_job(state, body.model, body)
         if body.stream:
             return await stream_completion(state, job, body, request)
@@ -203,7 +211,7 @@ def create_app(state: ServingState) -> FastAPI:
     async def stream_socket(websocket: WebSocket, model: str):
         await websocket_session(state, websocket, model)
 
-    _health_routes(app, state)
+    _health_routes(app, state, auth)
     playground.mount(app)
     return app
 
@@ -229,6 +237,15 @@ def _exception_handlers(app: FastAPI) -> None:
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return protocol.error_response(422, f"{param or 'body'}: {first.get('msg')}", param=param or None,
                                        code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        """Routing errors (unknown route, wrong method) in the OpenAI shape instead of Starlette's `{"detail"}`."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        if e.status_code == 404:
+            message += f"; routes: {', '.join(RequestMiddleware.ENDPOINTS)}, WS /v1/stream/{{model}}"
+        return protocol.error_response(e.status_code, message, code=code, headers=dict(e.headers or {}))
 
 
 def api_key_guard(keys: list[str]):
@@ -317,41 +334,82 @@ async def stream_completion(state: ServingState, job: Job, body: CompletionReque
 
 
 async def websocket_session(state: ServingState, ws: WebSocket, model: str) -> None:
-    """One JSON request at a time: updates every `stream_every` tokens, then a final message; errors keep the socket."""
+    """One JSON request at a time: updates every `stream_every` tokens, then a final message. Any bad message (binary
+    frame, invalid JSON, bad field, an unexpected failure) is answered `{"error": {...}}` and the socket stays usable.
+    A wrong key refuses the handshake (HTTP 403); over `max_websockets` the socket is closed 1013; a socket that waits
+    longer than `ws_idle_timeout` for its next request is closed 1000."""
     authorization, subprotocol = playground.websocket_credentials(ws)  # browsers send the key as a subprotocol
     if not api_key_guard(state.settings.api_keys).check(authorization):
-        await ws.close(code=1008, reason="invalid API key")
+        await ws.close(code=1008, reason="invalid API key")  # before accept: uvicorn answers the handshake with 403
         return
     await ws.accept(subprotocol=subprotocol)
+    if state.websockets >= state.settings.max_websockets:
+        state.metrics.limit_hits.labels("max_websockets").inc()
+        await _ws_error(ws, ApiError(503, f"this node holds its maximum of {state.settings.max_websockets} WebSockets "
+                                     f"(serving.max_websockets); retry shortly", "server_overloaded",
+                                     code="too_many_websockets"))
+        await ws.close(code=1013, reason="too many WebSockets; retry later")
+        return
+    state.websockets += 1
+    state.metrics.websockets.set(state.websockets)
     try:
-        while True:
-            raw = await ws.receive_text()
+        while (raw := await _ws_next_request(state, ws)) is not None:
             started = time.monotonic()
-            status = "200"
-            try:
-                await websocket_generate(state, ws, model, raw)
-            except ApiError as e:
-                status = str(e.status)
-                body = e.body()
-                body["error"]["status"] = e.status
-                await ws.send_json(body)
+            status = await _ws_answer(state, ws, model, raw)
             state.metrics.requests.labels("/v1/stream", status).inc()
             state.metrics.latency.labels("/v1/stream").observe(time.monotonic() - started)
     except (WebSocketDisconnect, ClientDisconnected):
         return  # the client left; a generation it was waiting for was cancelled on the way out
+    finally:
+        state.websockets -= 1
+        state.metrics.websockets.set(state.websockets)
+
+
+async def _ws_next_request(state: ServingState, ws: WebSocket) -> str | bytes | None:
+    """The next client message (text, or bytes of a binary frame); None when the client left or idled too long."""
+    idle = state.settings.ws_idle_timeout
+    try:
+        message = await asyncio.wait_for(ws.receive(), idle)
+    except TimeoutError:
+        state.metrics.limit_hits.labels("ws_idle_timeout").inc()
+        await ws.close(code=1000, reason=f"idle for {idle:g} s (serving.ws_idle_timeout)")
+        return None
+    if message["type"] == "websocket.disconnect":
+        return None
+    return message["text"] if message.get("text") is not None else message.get("bytes") or b""
+
+
+async def _ws_answer(state: ServingState, ws: WebSocket, model: str, raw: str | bytes) -> str:
+    """Serve one message; returns the status it counts as. Errors become `{"error": ...}` messages, never a drop."""
+    try:
+        if isinstance(raw, bytes):
+            raise ApiError(400, "binary frames are not accepted: send the JSON request as a text frame",
+                           code="invalid_frame")
+        await websocket_generate(state, ws, model, raw)
+        return "200"
+    except ApiError as e:
+        await _ws_error(ws, e)
+        return str(e.status)
+    except (WebSocketDisconnect, ClientDisconnected):
+        raise
+    except Exception:
+        request_id = new_request_id()
+        log.exception("WebSocket /v1/stream/%s request %s failed", model, request_id)
+        state.metrics.internal_errors.labels("/v1/stream").inc()
+        await _ws_error(ws, internal_error(request_id))
+        return "500"
+
+
+async def _ws_error(ws: WebSocket, e: ApiError) -> None:
+    body = e.body()
+    body["error"]["status"] = e.status
+    await ws.send_json(body)
 
 
 async def websocket_generate(state: ServingState, ws: WebSocket, model: str, raw: str) -> None:
     if state.draining:
         raise ApiError(503, "server is shutting down; reconnect to another node", "server_overloaded", code="draining")
-    try:
-        fields = GenerationFields.model_validate(json.loads(raw))
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"message is not valid JSON: {e}", code="invalid_json") from None
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ()))
-        raise ApiError(422, f"{param}: {first.get('msg')}", param=param, code="invalid_value") from None
+    fields = protocol.parse_request(raw, GenerationFields, "message")
     job = start_job(state, model, fields)
     every, started = state.settings.stream_every, time.monotonic()
     texts, unsent, sent_at, done = [""] * len(job.gens), [""] * len(job.gens), [0] * len(job.gens), {}
@@ -381,7 +439,9 @@ async def websocket_generate(state: ServingState, ws: WebSocket, model: str, raw
                         "usage": protocol.usage(job.prompt_tokens, sum(g.tokens for g in job.gens))})
 
 
-def _health_routes(app: FastAPI, state: ServingState) -> None:
+def _health_routes(app: FastAPI, state: ServingState, auth) -> None:
+    """/live, /ready and /metrics stay open for probes and scrapers (they reveal no paths or keys); /info shows the
+    registry URI, cache folders and checksums, so it needs a key when keys are set."""
     @app.get("/live")
     async def live():
         return {"status": "ok"}
@@ -403,7 +463,7 @@ def _health_routes(app: FastAPI, state: ServingState) -> None:
         body = {"ready": ok and bool(state.expected), "draining": state.draining, "models": report}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
-    @app.get("/info")
+    @app.get("/info", dependencies=[auth])
     async def info():
         return info_body(state)
 
@@ -426,12 +486,29 @@ def info_body(state: ServingState) -> dict:
     return {"models": models, "failed_loads": dict(state.engine.failed), "draining": state.draining,
             "registry": s.root, "limits": {"max_batch_size": s.max_batch_size, "max_queue": s.max_queue,
                                           "max_n": protocol.MAX_N, "stream_every": s.stream_every,
-                                          "api_keys_required": bool(s.api_keys)}}
+                                          "api_keys_required": bool(s.api_keys),
+                                          **{k: getattr(s, k) for k in LIMIT_FIELDS}}}
+
+
+# the limits of docs/serving.md "Security and limits", shown under /info "limits" with the values in force
+LIMIT_FIELDS = ("max_body_bytes", "body_timeout", "header_timeout", "keep_alive_timeout", "max_connections",
+                "max_websockets", "ws_idle_timeout")
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex[:24]}"
+
+
+def internal_error(request_id: str) -> ApiError:
+    return ApiError(500, f"internal server error; request id {request_id} (quote it when reporting: the node's log "
+                    f"has the traceback)", "server_error", code="internal_error")
 
 
 class RequestMiddleware:
-    """Pure ASGI (keeps streaming and disconnects intact): counts requests by status, times them, tracks in-flight
-    /v1 requests for the SIGTERM drain, and turns new /v1 requests away with 503 once draining."""
+    """Pure ASGI (keeps streaming and disconnects intact): gives every HTTP request an id (`x-request-id` header),
+    counts requests by status, times them, tracks in-flight /v1 requests for the SIGTERM drain, turns new /v1 requests
+    away with 503 once draining, and answers any exception a route lets escape with an OpenAI-shaped 500 carrying the
+    request id (traceback logged under that id, `textmill_internal_errors_total` counted) instead of a plain-text 500."""
 
     ENDPOINTS = ("/v1/completions", "/v1/models", "/live", "/ready", "/info", "/metrics")
 
@@ -441,25 +518,36 @@ class RequestMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
+        path, request_id = scope["path"], new_request_id()
         endpoint = path if path in self.ENDPOINTS else "other"
-        if self.state.draining and path.startswith("/v1/"):
-            response = protocol.error_response(503, "server is shutting down; retry on another node",
-                                               "server_overloaded", code="draining")
-            self.state.metrics.requests.labels(endpoint, "503").inc()
-            return await response(scope, receive, send)
-        status, started = ["500"], time.monotonic()
+        status, started, sent = ["500"], time.monotonic(), [False]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
-                status[0] = str(message["status"])
+                status[0], sent[0] = str(message["status"]), True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         tracked = path.startswith("/v1/")
+        if self.state.draining and tracked:
+            response = protocol.error_response(503, "server is shutting down; retry on another node",
+                                               "server_overloaded", code="draining")
+            self.state.metrics.requests.labels(endpoint, "503").inc()
+            return await response(scope, receive, send_status)
         self.state.inflight += tracked
         self.state.metrics.inflight.set(self.state.inflight)
         try:
             await self.app(scope, receive, send_status)
+        except ApiError as e:  # raised outside a route's handlers (e.g. while reading the body for one)
+            if not sent[0]:
+                await e.response()(scope, receive, send_status)
+        except (ClientDisconnect, ClientDisconnected):  # the client left mid-request (or was closed by a limit)
+            status[0] = "499"
+        except Exception:
+            log.exception("%s %s request %s failed", scope.get("method"), path, request_id)
+            self.state.metrics.internal_errors.labels(endpoint).inc()
+            if not sent[0]:  # nothing sent yet; otherwise the half-sent response is cut and uvicorn closes
+                await internal_error(request_id).response()(scope, receive, send_status)
         finally:
             self.state.inflight -= tracked
             self.state.metrics.inflight.set(self.state.inflight)

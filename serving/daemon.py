@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import random
@@ -16,6 +17,7 @@ import uvicorn
 from serving import settings as node_settings
 from serving.app import ServingState, create_app
 from serving.engine import Engine, EngineOptions
+from serving.limits import ConnectionGuard, connection_cap, guarded_protocol, raise_open_files_limit
 from serving.metrics import Metrics
 from serving.sync import Cached, Syncer
 from textmill.config import ServingConfig
@@ -240,12 +242,34 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def with_socket_limits(settings: ServingConfig) -> ServingConfig:
+    """Raise the soft open-files limit to the hard one, then lower `max_connections` to what it allows (keeping
+    FD_RESERVE descriptors for model files and sync) and `max_websockets` to half of that; logs the values in force."""
+    cap = connection_cap(settings.max_connections, raise_open_files_limit())
+    settings = dataclasses.replace(settings, max_connections=cap,
+                                   max_websockets=min(settings.max_websockets, cap // 2))
+    log.info("limits: %d connections, %d WebSockets, %d-byte bodies, header/body/keep-alive/WebSocket-idle timeouts "
+             "%g/%g/%g/%g s", settings.max_connections, settings.max_websockets, settings.max_body_bytes,
+             settings.header_timeout, settings.body_timeout, settings.keep_alive_timeout, settings.ws_idle_timeout)
+    return settings
+
+
+def uvicorn_config(app, settings: ServingConfig, metrics: Metrics) -> uvicorn.Config:
+    """uvicorn with this node's limits: h11 (bounded request heads) extended by serving/limits.py, keep-alive timeout,
+    WebSocket message size = the body limit."""
+    guard = ConnectionGuard(settings.max_connections, settings.header_timeout,
+                            on_limit=lambda name: metrics.limit_hits.labels(name).inc())
+    return uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="off", access_log=False,
+                          timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None, http=guarded_protocol(guard),
+                          timeout_keep_alive=settings.keep_alive_timeout, ws_max_size=settings.max_body_bytes)
+
+
 def main(argv: list[str]) -> int:
     """Run a serving node: sync models from the registry, load them, serve the OpenAI-compatible API, hot-swap new
     versions as they are published, drain on SIGTERM (`textmill serve --root URI [--models a,b] [--port N]`)."""
     p = argparse.ArgumentParser(prog="textmill serve", description=main.__doc__)
     node_settings.add_arguments(p, server=True)
-    settings = node_settings.load(p.parse_args(argv))
+    settings = with_socket_limits(node_settings.load(p.parse_args(argv)))
     sock = listen_socket(settings.host, settings.port)  # a port in use: one line, exit 2, before any model loads
     metrics = Metrics()
     engine = Engine(EngineOptions(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
@@ -259,8 +283,7 @@ def main(argv: list[str]) -> int:
         sock.close()
         raise
     state = ServingState(engine, settings, metrics, expected=node.expected)
-    config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, lifespan="off",
-                            access_log=False, timeout_graceful_shutdown=GRACEFUL_CLOSE_S, log_config=None)
+    config = uvicorn_config(create_app(state), settings, metrics)
     server = DrainingServer(config, state)
     node.start()
     try:

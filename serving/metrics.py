@@ -67,6 +67,11 @@ class Metrics:
         self.cancelled = Counter("textmill_cancelled", "generations cancelled because every client left", ["model"],
                                  registry=r)
         self.oom_total = Counter("textmill_out_of_memory", "batches that ran out of memory", ["model"], registry=r)
+        self.internal_errors = Counter("textmill_internal_errors", "unexpected exceptions answered with a 500 "
+                                       "(traceback logged with the request id)", ["endpoint"], registry=r)
+        self.limit_hits = Counter("textmill_limit_hits", "requests or sockets refused or closed by a limit of "
+                                  "docs/serving.md 'Security and limits'", ["limit"], registry=r)
+        self.websockets = Gauge("textmill_websockets_open", "open WebSocket sessions", registry=r)
         self._register_gpu()
 
     def _register_gpu(self) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
+import orjson
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 VERSION_HEADER = "X-Textmill-Model-Version"
 MAX_N = 16
@@ -74,6 +75,33 @@ class CompletionRequest(GenerationFields):
     model: str
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+
+
+Request = TypeVar("Request", bound=BaseModel)
+
+
+def parse_request(raw: bytes | str, model: type[Request], what: str = "request body") -> Request:
+    """The one decoder of client JSON, for HTTP bodies and WebSocket messages alike: bytes (UTF-8) or text -> `model`.
+
+    orjson refuses, with its position, what would otherwise crash later or deep inside: invalid UTF-8, lone UTF-16
+    surrogates (`"\\ud800"`, which no tokenizer or UTF-8 encoder takes), nesting deeper than 1,024 levels (Python's
+    `json` recurses until RecursionError), integers too large for a double (Python's `json` spends quadratic time on a
+    long digit string, then refuses over 4,300 digits), NaN/Infinity. Raises ApiError 400 `invalid_json` for those and
+    for a value that is not an object, 422 `invalid_value` naming the first bad field.
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        hint = " (lone UTF-16 surrogates are not text: send valid Unicode)" if "surrogate" in str(e) else ""
+        raise ApiError(400, f"{what} is not valid JSON: {e}{hint}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"{what} must be a JSON object, not {type(data).__name__}", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ()))
+        raise ApiError(422, f"{param or what}: {first.get('msg')}", param=param or None, code="invalid_value") from None
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -33,8 +33,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # Drop tokens once the mass before them already reaches top_p; the most likely token always stays.
+        # Drop tokens once the mass before them already reaches top_p; the most likely token always stays, also when
+        # top_p is below float32's smallest value (1e-300 compares as 0 >= 0, which dropped every token: NaN probs).
         drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

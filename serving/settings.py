@@ -47,6 +47,8 @@ def _coerce(name: str, raw: str, default: Any) -> Any:
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(raw)
             return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, list) and name == "api_keys":  # keep blank parts: validate() refuses them loudly
+            return [part.strip() for part in raw.split(",")]
         if isinstance(default, list):
             return [part.strip() for part in raw.split(",") if part.strip()]
         return type(default)(raw)
@@ -110,6 +112,37 @@ def validate(cfg: ServingConfig) -> ServingConfig:
 
     if not 0 <= cfg.default_seed <= MAX_SEED:
         raise UserError(f"serving.default_seed={cfg.default_seed} must be in [0, {MAX_SEED}]")
+    _validate_api_keys(cfg.api_keys)
+    _validate_limits(cfg)
     if not cfg.root:
         raise UserError("no registry root: pass --root URI, set TEXTMILL_ROOT, or serving.root in params.yaml")
     return cfg
+
+
+API_KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")   # visible ASCII: what an `Authorization` header carries unchanged
+
+
+def _validate_api_keys(keys: list[str]) -> None:
+    """A blank key would let `Authorization: Bearer` with no token in; a key with spaces or non-ASCII could never
+    match a header. Both are refused at start-up, naming the entry (never its value)."""
+    for i, key in enumerate(keys):
+        if not isinstance(key, str) or not key.strip():
+            raise UserError(f"serving.api_keys[{i}] is empty or blank: it would accept a request with no key. Remove it "
+                            f"(no keys at all = no authentication) or set a real key (TEXTMILL_API_KEYS=k1,k2)")
+        if not API_KEY_CHARS.match(key):
+            raise UserError(f"serving.api_keys[{i}] contains spaces, control or non-ASCII characters, which an "
+                            f"`Authorization: Bearer <key>` header cannot carry; use visible ASCII only")
+
+
+def _validate_limits(cfg: ServingConfig) -> None:
+    """The limits of docs/serving.md "Security and limits": each must be a positive, workable value."""
+    if cfg.max_body_bytes < 1024:
+        raise UserError(f"serving.max_body_bytes={cfg.max_body_bytes} is too small (at least 1024 bytes)")
+    for key in ("body_timeout", "header_timeout", "keep_alive_timeout", "ws_idle_timeout"):
+        if not getattr(cfg, key) > 0:
+            raise UserError(f"serving.{key}={getattr(cfg, key)} must be > 0 seconds")
+    if cfg.max_connections < 16:
+        raise UserError(f"serving.max_connections={cfg.max_connections} is too small (at least 16)")
+    if not 1 <= cfg.max_websockets <= cfg.max_connections // 2:
+        raise UserError(f"serving.max_websockets={cfg.max_websockets} must be in [1, max_connections / 2 = "
+                        f"{cfg.max_connections // 2}] so plain HTTP (/live, /ready) always has sockets left")

@@ -108,7 +108,7 @@ def test_hot_swap_under_load_and_bad_versions(registry_root, tiny_export, tiny_e
         v4 = publish(registry_root, broken)
         wait_for(lambda: node.metric("textmill_model_load_failures_total") >= 1, 30, "the load of v4 to fail")
         assert node.version(MODEL) == v2
-        assert v4 in httpx.get(node.url + "/info").json()["failed_loads"][MODEL]
+        assert v4 in httpx.get(node.url + "/info", headers=node.headers()).json()["failed_loads"][MODEL]
         assert httpx.get(node.url + "/ready").status_code == 200
     finally:
         assert node.terminate() == 0, node.log()

@@ -176,6 +176,15 @@ class ServingConfig:
     drain_timeout: float = 30.0
     api_keys: list[str] = field(default_factory=list)
     cpu_threads: int = 0           # torch intra-op threads on CPU; 0 = all cores but one (left for the HTTP event loop)
+    # Security and limits (docs/serving.md): what one client can hold of a node's memory, sockets and time.
+    max_body_bytes: int = 1_048_576  # request body and WebSocket message; one longest allowed prompt (1,024 tokens x 64
+                                     # characters) JSON-escaped at 12 bytes a character is 768 KiB, plus the other fields
+    body_timeout: float = 30.0     # s to receive a whole request body (408 after)
+    header_timeout: float = 10.0   # s to receive a request's headers, from connect or from the previous response
+    keep_alive_timeout: float = 5.0  # s an idle keep-alive connection is held
+    max_connections: int = 1000    # open sockets; lowered to the open-files limit minus a reserve for model files + sync
+    max_websockets: int = 256      # open WebSockets (at most half of max_connections); more are refused with 1013
+    ws_idle_timeout: float = 300.0  # s a WebSocket may wait for its next request before it is closed (1000 "idle")
 
 
 @dataclass
