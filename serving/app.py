@@ -212,7 +212,7 @@ def create_app(state: ServingState) -> FastAPI:
         await websocket_session(state, websocket, model)
 
     _health_routes(app, state, auth)
-    playground.mount(app)
+    playground.mount(app, keys_required=bool(state.settings.api_keys))
     return app
 
 

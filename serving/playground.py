@@ -15,7 +15,7 @@ import binascii
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -27,15 +27,19 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def mount(app: FastAPI) -> None:
-    """Serve the playground: `GET /` (index.html with a CSP) and `GET /static/<file>`."""
+def mount(app: FastAPI, keys_required: bool) -> None:
+    """Serve the playground: `GET /` (index.html with a CSP) and `GET /static/<file>`.
+
+    `keys_required` is written into the page (`<body data-keys-required>`), so it knows to show the key field without
+    asking `/info`, which needs the key itself when keys are set."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    page = page.replace("<body>", f'<body data-keys-required="{str(keys_required).lower()}">', 1)
 
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
-                                     "X-Content-Type-Options": "nosniff"})
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
+                                           "X-Content-Type-Options": "nosniff"})
 
 
 def websocket_credentials(ws: WebSocket) -> tuple[str | None, str | None]:

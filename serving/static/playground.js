@@ -58,16 +58,8 @@ function saveKey() {
 }
 
 async function detectKeys() {
-  // /info is public and says whether this node wants a key; if it cannot be read, a 401 from /v1/models tells us too.
-  try {
-    const r = await fetch("info", { cache: "no-store" });
-    if (r.ok) {
-      const info = await r.json();
-      state.keysRequired = Boolean(info.limits && info.limits.api_keys_required);
-    }
-  } catch (e) {
-    // unreachable: loadModels reports it
-  }
+  // The server writes whether it wants a key into the page (/info itself needs the key when keys are set).
+  state.keysRequired = document.body.dataset.keysRequired === "true";
   showKeyRow(state.keysRequired || Boolean(apiKey()));
 }
 
@@ -77,6 +69,9 @@ async function detectKeys() {
 function describe(err) {
   const status = err.status || 0;
   const message = err.message || "unknown error";
+  if ((status === 401 || err.code === "invalid_api_key") && !apiKey()) {
+    return { title: "API key needed.", message: "This server requires an API key: enter it above.", key: true };
+  }
   if (status === 401 || err.code === "invalid_api_key") {
     return { title: "API key refused.", message: message + " Enter a valid key above.", key: true };
   }
