@@ -176,6 +176,8 @@ class ServingConfig:
     drain_timeout: float = 30.0
     api_keys: list[str] = field(default_factory=list)
     cpu_threads: int = 0           # torch intra-op threads on CPU; 0 = all cores but one (left for the HTTP event loop)
+    engine: str = "batching"       # inference engine: a key of serving.engines.ENGINES
+    chat_templates: dict[str, str] = field(default_factory=dict)  # model -> "plain" or a Jinja chat template
 
 
 @dataclass
