@@ -379,7 +379,8 @@ class CompletionFormat:
         if not self.body.echo:
             return None
         info = self.job.prompt_of(index)
-        return self._chunk(index, info.text, None, scored_tokens(self.job, index, echo=True)[:info.sent])
+        scored = scored_tokens(self.job, index, echo=True)[:info.sent] if self.body.logprobs is not None else []
+        return self._chunk(index, info.text, None, scored)
 
     def delta(self, index: int, event: Event) -> dict:
         return self._chunk(index, event.text, event.finish_reason, [(s.token, s.logprob, s.top) for s in event.steps])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import lru_cache
 from typing import Any, Optional, Union
 
 from fastapi.responses import JSONResponse
@@ -238,9 +239,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 # logprobs
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes (inverse of openai/gpt-2 encoder.py `bytes_to_unicode`)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def token_text(tokenizer: Any, token: int) -> str:
-    """A single token as text (special tokens kept: `<|endoftext|>`; a partial UTF-8 byte reads as U+FFFD)."""
-    return tokenizer.decode([token], skip_special_tokens=False)
+    """A single token as text, as OpenAI shows it: special tokens kept (`<|endoftext|>`); a token that is not whole
+    UTF-8 on its own (part of a multi-byte character) as `bytes:\\xNN...`, so distinct tokens stay distinct keys."""
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    if "\ufffd" in text:
+        piece, table = tokenizer.id_to_token(token) or "", _byte_decoder()
+        if piece and all(c in table for c in piece):
+            raw = bytes(table[c] for c in piece)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text
 
 
 def completion_logprobs(tokenizer: Any, scored: list[tuple[int, float | None, tuple]], start_offset: int) -> dict:
