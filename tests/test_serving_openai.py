@@ -204,3 +204,17 @@ def test_chat_with_a_shipped_or_configured_template(server, client, model, rende
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
     assert chunks[-1].choices[0].finish_reason == resp.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "stop": [1, 2]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/chat/completions", {"model": PLAIN, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"model": PLAIN, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content"),
+])
+def test_other_union_fields_name_the_field_not_a_validator_branch(server, path, body, param):
+    r = post(server, path, **body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and not any(i in err["message"] for i in ("list[", "str]", "union", "function-"))
