@@ -294,7 +294,8 @@ def create_app(state: ServingState) -> FastAPI:
         template = chat.template_for(body.model, worker.chat_template, state.settings.chat_templates)
         prompt = chat.render(template, body.messages, worker, body.model)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        job = start_job(state, body.model, Ask([prompt], body.n, body, body.completion_limit(), logprobs))
+        limit = body.completion_limit(len(worker.encode(prompt)), worker.n_ctx)
+        job = start_job(state, body.model, Ask([prompt], body.n, body, limit, logprobs))
         fmt = ChatFormat(body, job)
         if body.stream:
             return await stream_job(state, job, fmt, request)

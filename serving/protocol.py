@@ -166,15 +166,18 @@ def message_text(content: Any) -> str:
 class ChatRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)             # chat default: the rest of the context window
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
-    def completion_limit(self) -> int:
-        """`max_completion_tokens` (the newer name) wins over `max_tokens`."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def completion_limit(self, prompt_tokens: int, n_ctx: int) -> int:
+        """`max_completion_tokens` (the newer name) wins over `max_tokens`; with neither, what is left of the context
+        window after the prompt (OpenAI's and vLLM's chat default), at least 1."""
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return limit if limit is not None else max(1, n_ctx - prompt_tokens)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -204,6 +204,11 @@ def test_chat_with_a_shipped_or_configured_template(server, client, model, rende
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
     assert chunks[-1].choices[0].finish_reason == resp.choices[0].finish_reason
+    # without max_tokens a chat reply may use the rest of the context window (256 tokens here), not 16
+    long = client.chat.completions.create(model=model, messages=messages, seed=4, temperature=0,
+                                          stop=["\x00never"])
+    assert long.usage.prompt_tokens + long.usage.completion_tokens == 256 or long.choices[0].finish_reason == "stop"
+    assert long.usage.completion_tokens > 16 or long.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("path, body, param", [
