@@ -78,11 +78,16 @@ class EngineHealth:
 class Sequence(Protocol):
     """What an engine sees of a submitted sequence (implemented by `serving.generation.Generation`)."""
 
+    prompt: str             # the prompt text (for logs and diagnostics; engines work on prompt_ids)
     prompt_ids: list[int]
     params: SamplingParams
 
     @property
     def cancelled(self) -> bool: ...
+
+    def cancel(self) -> None:
+        """Mark the sequence cancelled; the engine finishes it "cancelled" at its next step."""
+        ...
 
     def push(self, step: TokenStep) -> bool:
         """Hand over one generated token; False when the sequence has ended (a stop string): drop it."""
