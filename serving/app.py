@@ -465,8 +465,9 @@ async def stream_job(state: ServingState, job: Job, fmt, request: Request):
     async def events():
         pending, finished = [first], 0
         try:
-            heads = [fmt.head(i) for i in range(len(job.gens))]
-            yield "".join(sse(protocol.completion(cid, model, version, [h], None, obj)) for h in heads if h)
+            heads = [h for h in (fmt.head(i) for i in range(len(job.gens))) if h]
+            if heads:  # echo's prompt (completions) or the assistant role (chat) before any generated text
+                yield "".join(sse(protocol.completion(cid, model, version, [h], None, obj)) for h in heads)
             while finished < len(job.gens):
                 pending = pending or [await job.sub.next()]
                 out = []
