@@ -23,13 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from serving import playground, protocol
-from serving.batcher import ModelWorker, Retired
-from serving.engine import Engine, QueueFull, UnknownModel
+from serving import chat, playground, protocol
+from serving.engine import Engine, QueueFull, Retired, UnknownModel
+from serving.engines.base import ModelEngine
 from serving.generation import Event, Generation
 from serving.limits import BodyLimit
 from serving.metrics import Metrics
-from serving.protocol import VERSION_HEADER, ApiError, CompletionRequest, GenerationFields
+from serving.protocol import (VERSION_HEADER, ApiError, ChatRequest, CompletionRequest, GenerationFields, PromptInput,
+                              SamplingFields)
 from serving.sampling import SamplingParams
 from textmill.config import ServingConfig
 
@@ -105,63 +106,133 @@ def coalesce(events: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
     for index, event in events:
         if merged and event.kind == "delta" and merged[-1][0] == index and merged[-1][1].kind == "delta":
             prev = merged[-1][1]
-            merged[-1] = (index, Event("delta", prev.text + event.text, event.tokens))
+            merged[-1] = (index, Event("delta", prev.text + event.text, event.tokens, steps=prev.steps + event.steps))
         else:
             merged.append((index, event))
     return merged
 
 
 @dataclass
+class Ask:
+    """What one request asks of the engine, whatever its route: prompts (text or token ids), sequences per prompt
+    (n, or best_of), sampling fields, and whether to score tokens (`logprobs` alternatives; `prompt_logprobs` for echo)."""
+
+    inputs: list[PromptInput]
+    per_prompt: int
+    fields: SamplingFields
+    max_tokens: int
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class PromptInfo:
+    """One prompt as the model sees it: `ids` (an empty prompt becomes the EOT token), its `text`, and `sent`, how
+    many of `ids` the client sent (the last `sent` ids; usage.prompt_tokens counts these)."""
+
+    text: str
+    ids: list[int]
+    sent: int
+
+
+@dataclass
 class Job:
-    worker: ModelWorker
+    worker: ModelEngine
     gens: list[Generation]
-    prompt_tokens: int
+    prompts: list[PromptInfo]
+    per_prompt: int
     sub: Subscription
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(p.sent for p in self.prompts)
 
-def start_job(state: ServingState, model: str, fields: GenerationFields) -> Job:
-    """Validate against the model (404, context length), then submit one generation per prompt x n."""
+    def prompt_of(self, index: int) -> PromptInfo:
+        return self.prompts[index // self.per_prompt]
+
+
+def completion_ask(fields: GenerationFields) -> Ask:
+    """The engine work a completion request (HTTP or WebSocket) asks for; 400 for what GPT-2 cannot do."""
+    if fields.suffix:
+        raise ApiError(400, "suffix is not supported: GPT-2 generates left to right and was not trained to fill in text "
+                       "before a suffix; send the text before the gap as the prompt and leave suffix out",
+                       param="suffix", code="unsupported_suffix")
+    if fields.max_tokens == 0 and not fields.echo:
+        raise ApiError(400, "max_tokens must be at least 1; max_tokens: 0 only scores the prompt and needs echo: true",
+                       param="max_tokens", code="invalid_value")
+    best_of = fields.best_of or fields.n
+    if best_of < fields.n:
+        raise ApiError(400, f"best_of ({best_of}) must be at least n ({fields.n})", param="best_of",
+                       code="invalid_value")
+    if best_of > fields.n and getattr(fields, "stream", False):
+        raise ApiError(400, "best_of cannot be used with stream: the best choices are known only at the end",
+                       param="best_of", code="invalid_value")
+    logprobs = fields.logprobs if fields.logprobs is not None else (0 if best_of > fields.n else None)
+    return Ask(fields.prompts(), best_of, fields, fields.max_tokens, logprobs,
+               prompt_logprobs=fields.echo and fields.logprobs is not None)
+
+
+def start_job(state: ServingState, model: str, ask: Ask) -> Job:
+    """Validate against the model (404, vocabulary, context length), then submit one generation per prompt x
+    `ask.per_prompt`."""
     for _ in range(3):
         try:
-            return _submit_job(state, model, fields)
-        except Retired:  # a hot swap retired the worker between lookup and submit: the new version takes it
+            return _submit_job(state, model, ask)
+        except Retired:  # a hot swap retired the engine between lookup and submit: the new version takes it
             continue
     raise ApiError(503, f"model {model!r} is being swapped; retry", "server_overloaded", code="swapping",
                    headers={"Retry-After": RETRY_AFTER_S})
 
 
-def _submit_job(state: ServingState, model: str, fields: GenerationFields) -> Job:
+def live_engine(state: ServingState, model: str) -> ModelEngine:
     try:
-        worker = state.engine.worker(model)
+        return state.engine.worker(model)
     except UnknownModel:
         raise ApiError(404, f"The model {model!r} does not exist; served models: {sorted(state.engine.models())}",
                        param="model", code="model_not_found") from None
+
+
+def _prompt_info(worker: ModelEngine, prompt: PromptInput) -> PromptInfo:
+    if isinstance(prompt, str):
+        ids = worker.encode(prompt)
+        return PromptInfo(prompt, ids or [worker.eot_id], len(ids))
+    bad = next((t for t in prompt if t >= worker.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"prompt token id {bad} is outside this model's vocabulary (ids 0..{worker.vocab_size - 1})",
+                       param="prompt", code="invalid_value", version=worker.version)
+    return PromptInfo(worker.decode(prompt, skip_special_tokens=False), list(prompt), len(prompt))
+
+
+def _submit_job(state: ServingState, model: str, ask: Ask) -> Job:
+    worker = live_engine(state, model)
     # Tokenizing runs on the event loop: refuse what cannot fit before paying for it (natural text averages a few
     # characters per token, so a prompt of more than 64 characters per context token cannot fit), and bound the fan-out.
-    if len(fields.prompts()) * fields.n > state.settings.max_queue:
-        raise ApiError(400, f"{len(fields.prompts())} prompts x n={fields.n} exceeds this server's queue of "
-                       f"{state.settings.max_queue}; send fewer prompts per request", param="prompt",
+    if len(ask.inputs) * ask.per_prompt > state.settings.max_queue:
+        raise ApiError(400, f"{len(ask.inputs)} prompts x {ask.per_prompt} sequences each exceeds this server's queue "
+                       f"of {state.settings.max_queue}; send fewer prompts per request", param="prompt",
                        code="too_many_prompts")
-    longest = max(len(p) for p in fields.prompts())
+    longest = max(len(p) for p in ask.inputs)
     if longest > worker.n_ctx * CHARS_PER_TOKEN_MAX:
         raise ApiError(400, f"This model's maximum context length is {worker.n_ctx} tokens; a prompt of {longest} "
                        f"characters cannot fit. Please reduce the prompt.", param="prompt",
                        code="context_length_exceeded", version=worker.version)
-    ids = [worker.encode(p) or [worker.eot_id] for p in fields.prompts()]
-    for prompt_ids in ids:
-        if len(prompt_ids) + fields.max_tokens > worker.n_ctx:
+    prompts = [_prompt_info(worker, p) for p in ask.inputs]
+    for info in prompts:
+        if len(info.ids) + ask.max_tokens > worker.n_ctx:
             raise ApiError(400, f"This model's maximum context length is {worker.n_ctx} tokens. However, you requested "
-                           f"{len(prompt_ids) + fields.max_tokens} tokens ({len(prompt_ids)} in the prompt, "
-                           f"{fields.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                           f"{len(info.ids) + ask.max_tokens} tokens ({len(info.ids)} in the prompt, "
+                           f"{ask.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded", version=worker.version)
-    seed = request_seed(state, fields)
+    f = ask.fields
+    seed = request_seed(state, f)
     sub, gens = Subscription(), []
     try:
-        for prompt, prompt_ids in zip(fields.prompts(), ids):
-            for j in range(fields.n):
-                params = SamplingParams(max_tokens=fields.max_tokens, temperature=fields.temperature, top_p=fields.top_p,
-                                        top_k=fields.top_k, stop=fields.stops(), seed=seed + j)
-                gen = state.engine.submit(worker, prompt, prompt_ids, params)
+        for info in prompts:
+            for j in range(ask.per_prompt):
+                params = SamplingParams(max_tokens=ask.max_tokens, temperature=f.temperature, top_p=f.top_p,
+                                        top_k=f.top_k, stop=f.stops(), seed=seed + j, logprobs=ask.logprobs,
+                                        prompt_logprobs=ask.prompt_logprobs)
+                gen = state.engine.submit(worker, info.text, info.ids, params)
                 sub.attach(len(gens), gen)
                 gens.append(gen)
     except QueueFull as e:
@@ -171,7 +242,35 @@ def _submit_job(state: ServingState, model: str, fields: GenerationFields) -> Jo
     except Retired:
         sub.close()  # the part already submitted to the old version is cancelled (unless shared)
         raise
-    return Job(worker, gens, sum(len(i) for i in ids), sub)
+    return Job(worker, gens, prompts, ask.per_prompt, sub)
+
+
+def scored_tokens(job: Job, index: int, *, echo: bool) -> list[tuple[int, float | None, tuple]]:
+    """(id, logprob, top) for choice `index`: the prompt tokens the client sent (echo; the first has no logprob), then
+    the generated ones."""
+    gen, out = job.gens[index], []
+    if echo:
+        info = job.prompt_of(index)
+        first = len(info.ids) - info.sent
+        for j in range(first, len(info.ids)):
+            if j == 0:
+                out.append((info.ids[0], None, ()))
+            else:
+                s = gen.prompt_steps[j - 1]
+                out.append((s.token, s.logprob, s.top))
+    return out + [(s.token, s.logprob, s.top) for s in gen.steps]
+
+
+def ranked(job: Job, n: int) -> list[int]:
+    """Indices of the choices to return: per prompt, all `n` sequences, or with best_of the `n` with the highest mean
+    token logprob."""
+    out = []
+    for p in range(len(job.prompts)):
+        cands = list(range(p * job.per_prompt, (p + 1) * job.per_prompt))
+        if job.per_prompt > n:
+            cands.sort(key=lambda i: -job.gens[i].cumulative_logprob / max(1, job.gens[i].tokens))
+        out.extend(cands[:n])
+    return out
 
 
 def request_seed(state: ServingState, fields: GenerationFields) -> int:
@@ -196,10 +295,25 @@ def create_app(state: ServingState) -> FastAPI:
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(request: Request):
         body = protocol.parse_request(await request.body(), CompletionRequest)
-        job = start_job(state, body.model, body)
+        job = start_job(state, body.model, completion_ask(body))
+        fmt = CompletionFormat(body, job)
         if body.stream:
-            return await stream_completion(state, job, body, request)
-        return await full_completion(state, job, body, request)
+            return await stream_job(state, job, fmt, request)
+        return await full_job(state, job, fmt, request)
+
+    @app.post("/v1/chat/completions", dependencies=[auth])
+    async def chat_completions(request: Request):
+        body = protocol.parse_request(await request.body(), ChatRequest)
+        worker = live_engine(state, body.model)
+        template = chat.template_for(body.model, worker.chat_template, state.settings.chat_templates)
+        prompt = chat.render(template, body.messages, worker, body.model)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        limit = body.completion_limit(len(worker.encode(prompt)), worker.n_ctx)
+        job = start_job(state, body.model, Ask([prompt], body.n, body, limit, logprobs))
+        fmt = ChatFormat(body, job)
+        if body.stream:
+            return await stream_job(state, job, fmt, request)
+        return await full_job(state, job, fmt, request)
 
     @app.get("/v1/models", dependencies=[auth])
     async def list_models():
@@ -267,7 +381,70 @@ def api_key_guard(keys: list[str]):
     return guard
 
 
-async def full_completion(state: ServingState, job: Job, body: CompletionRequest, request: Request) -> JSONResponse:
+class CompletionFormat:
+    """text_completion objects: choices with `text`, OpenAI completions `logprobs`, `echo` of the prompt."""
+
+    obj, prefix = "text_completion", "cmpl"
+
+    def __init__(self, body: CompletionRequest, job: Job) -> None:
+        self.body, self.job, self.tok = body, job, job.worker.tokenizer
+        self.offsets = [0 if body.echo else len(job.prompt_of(i).text) for i in range(len(job.gens))]
+
+    def final(self, out_index: int, index: int, finish_reason: str | None) -> dict:
+        gen, echo = self.job.gens[index], self.body.echo
+        text = (self.job.prompt_of(index).text if echo else "") + gen.text
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = protocol.completion_logprobs(self.tok, scored_tokens(self.job, index, echo=echo),
+                                                    self.offsets[index])
+        return protocol.choice(out_index, text, finish_reason, logprobs)
+
+    def head(self, index: int) -> dict | None:
+        """The first chunk of a streamed choice: with echo, the prompt (and its logprobs)."""
+        if not self.body.echo:
+            return None
+        info = self.job.prompt_of(index)
+        scored = scored_tokens(self.job, index, echo=True)[:info.sent] if self.body.logprobs is not None else []
+        return self._chunk(index, info.text, None, scored)
+
+    def delta(self, index: int, event: Event) -> dict:
+        return self._chunk(index, event.text, event.finish_reason, [(s.token, s.logprob, s.top) for s in event.steps])
+
+    def _chunk(self, index: int, text: str, finish_reason: str | None, scored: list) -> dict:
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = protocol.completion_logprobs(self.tok, scored, self.offsets[index])
+            if logprobs["tokens"]:
+                self.offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return protocol.choice(index, text, finish_reason, logprobs)
+
+
+class ChatFormat:
+    """chat.completion objects: an assistant `message` (stream: `delta`), chat `logprobs`."""
+
+    obj, prefix = "chat.completion", "chatcmpl"
+
+    def __init__(self, body: ChatRequest, job: Job) -> None:
+        self.body, self.job, self.tok = body, job, job.worker.tokenizer
+
+    def final(self, out_index: int, index: int, finish_reason: str | None) -> dict:
+        gen = self.job.gens[index]
+        logprobs = None
+        if self.body.logprobs:
+            logprobs = protocol.chat_logprobs(self.tok, scored_tokens(self.job, index, echo=False))
+        return protocol.chat_choice(out_index, gen.text, finish_reason, logprobs)
+
+    def head(self, index: int) -> dict | None:
+        return protocol.chat_delta(index, {"role": "assistant", "content": ""}, None)
+
+    def delta(self, index: int, event: Event) -> dict:
+        logprobs = None
+        if self.body.logprobs and event.steps:
+            logprobs = protocol.chat_logprobs(self.tok, [(s.token, s.logprob, s.top) for s in event.steps])
+        return protocol.chat_delta(index, {"content": event.text} if event.text else {}, event.finish_reason, logprobs)
+
+
+async def full_job(state: ServingState, job: Job, fmt, request: Request) -> JSONResponse:
     started, done, first = time.monotonic(), {}, True
     try:
         while len(done) < len(job.gens):
@@ -283,13 +460,14 @@ async def full_completion(state: ServingState, job: Job, body: CompletionRequest
         return JSONResponse({"detail": "client disconnected"}, status_code=499)
     finally:
         job.sub.close()
-    choices = [protocol.choice(i, g.text, done[i].finish_reason) for i, g in enumerate(job.gens)]
+    choices = [fmt.final(out, i, done[i].finish_reason) for out, i in enumerate(ranked(job, fmt.body.n))]
     usage = protocol.usage(job.prompt_tokens, sum(g.tokens for g in job.gens))
-    body_json = protocol.completion(protocol.completion_id(), body.model, job.worker.version, choices, usage)
+    body_json = protocol.completion(protocol.completion_id(fmt.prefix), fmt.body.model, job.worker.version, choices,
+                                    usage, fmt.obj)
     return JSONResponse(body_json, headers={VERSION_HEADER: job.worker.version})
 
 
-async def stream_completion(state: ServingState, job: Job, body: CompletionRequest, request: Request):
+async def stream_job(state: ServingState, job: Job, fmt, request: Request):
     """SSE: wait for the first event so an immediate failure (e.g. out of memory) is still a proper HTTP error."""
     started = time.monotonic()
     try:
@@ -301,15 +479,19 @@ async def stream_completion(state: ServingState, job: Job, body: CompletionReque
         job.sub.close()
         raise engine_error(first[1], job.worker.version)
     state.metrics.ttft.labels(job.worker.name).observe(time.monotonic() - started)
-    cid, version = protocol.completion_id(), job.worker.version
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    cid, version, model = protocol.completion_id(fmt.prefix), job.worker.version, fmt.body.model
+    include_usage = bool(fmt.body.stream_options and fmt.body.stream_options.include_usage)
+    obj = fmt.obj + ".chunk" if fmt.obj == "chat.completion" else fmt.obj
 
-    def sse(obj: dict) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
+    def sse(obj_: dict) -> str:
+        return f"data: {json.dumps(obj_)}\n\n"
 
     async def events():
         pending, finished = [first], 0
         try:
+            heads = [h for h in (fmt.head(i) for i in range(len(job.gens))) if h]
+            if heads:  # echo's prompt (completions) or the assistant role (chat) before any generated text
+                yield "".join(sse(protocol.completion(cid, model, version, [h], None, obj)) for h in heads)
             while finished < len(job.gens):
                 pending = pending or [await job.sub.next()]
                 out = []
@@ -318,13 +500,12 @@ async def stream_completion(state: ServingState, job: Job, body: CompletionReque
                         yield "".join(out) + sse(engine_error(event, version).body())
                         return
                     finished += event.kind == "done"
-                    chunk = protocol.choice(index, event.text, event.finish_reason)
-                    out.append(sse(protocol.completion(cid, body.model, version, [chunk], None)))
+                    out.append(sse(protocol.completion(cid, model, version, [fmt.delta(index, event)], None, obj)))
                 pending = []
                 yield "".join(out)  # one write for everything that piled up while the client was being served
             if include_usage:
                 usage = protocol.usage(job.prompt_tokens, sum(g.tokens for g in job.gens))
-                yield sse(protocol.completion(cid, body.model, version, [], usage))
+                yield sse(protocol.completion(cid, model, version, [], usage, obj))
             yield "data: [DONE]\n\n"
         finally:
             job.sub.close()  # also runs when the client disconnects: its generations stop unless shared
@@ -410,7 +591,11 @@ async def websocket_generate(state: ServingState, ws: WebSocket, model: str, raw
     if state.draining:
         raise ApiError(503, "server is shutting down; reconnect to another node", "server_overloaded", code="draining")
     fields = protocol.parse_request(raw, GenerationFields, "message")
-    job = start_job(state, model, fields)
+    if fields.echo or fields.logprobs is not None or (fields.best_of or fields.n) > fields.n:
+        raise ApiError(400, "echo, logprobs and best_of are not available on the WebSocket; use POST /v1/completions",
+                       param="echo" if fields.echo else "logprobs" if fields.logprobs is not None else "best_of",
+                       code="unsupported_on_websocket")
+    job = start_job(state, model, completion_ask(fields))
     every, started = state.settings.stream_every, time.monotonic()
     texts, unsent, sent_at, done = [""] * len(job.gens), [""] * len(job.gens), [0] * len(job.gens), {}
     state.inflight += 1
@@ -455,7 +640,7 @@ def _health_routes(app: FastAPI, state: ServingState, auth) -> None:
             except UnknownModel:
                 report[name], ok = {"loaded": False}, False
                 continue
-            fresh = time.monotonic() - worker.last_ok < READY_MAX_AGE_S
+            fresh = time.monotonic() - worker.health().last_ok < READY_MAX_AGE_S
             if not fresh:
                 fresh = await asyncio.to_thread(state.engine.probe, name)
             report[name] = {"loaded": True, "version": worker.version, "forward_ok": fresh}
@@ -476,12 +661,12 @@ def info_body(state: ServingState) -> dict:
     s = state.settings
     models = {}
     for name, w in sorted(state.engine.models().items()):
+        stats = w.stats()
         models[name] = {
-            "version": w.version, "created": w.manifest.get("created"), "folder": w.folder, "device": str(w.device),
-            "dtype": str(next(w.model.parameters()).dtype).replace("torch.", "") if w.model is not None else None,
+            "version": w.version, "created": w.manifest.get("created"), "folder": w.folder, **stats,
             "n_ctx": w.n_ctx, "metrics": w.manifest.get("metrics", {}),
             "files": [{k: f[k] for k in ("path", "size", "sha256")} for f in w.manifest.get("files", [])],
-            "queue_depth": w.queue_depth,
+            "chat_template": bool(w.chat_template or name in s.chat_templates),
         }
     return {"models": models, "failed_loads": dict(state.engine.failed), "draining": state.draining,
             "registry": s.root, "limits": {"max_batch_size": s.max_batch_size, "max_queue": s.max_queue,
@@ -510,7 +695,7 @@ class RequestMiddleware:
     away with 503 once draining, and answers any exception a route lets escape with an OpenAI-shaped 500 carrying the
     request id (traceback logged under that id, `textmill_internal_errors_total` counted) instead of a plain-text 500."""
 
-    ENDPOINTS = ("/v1/completions", "/v1/models", "/live", "/ready", "/info", "/metrics")
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/live", "/ready", "/info", "/metrics")
 
     def __init__(self, app, state: ServingState) -> None:
         self.app, self.state = app, state

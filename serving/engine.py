@@ -1,4 +1,5 @@
-"""The generation engine: live model versions, hot swap (load + warm, switch, drain old, free), request dedup and cache."""
+"""The version router: which engine serves each model, hot swap (load + warm, switch, drain old, free), request dedup
+and the finished-generation cache. It talks to engines only through the contract in serving/engines/base.py."""
 
 from __future__ import annotations
 
@@ -13,35 +14,20 @@ from typing import Any, Hashable
 import torch
 from cachetools import TTLCache
 
-from serving.batcher import ModelWorker, QueueFull, Retired
+from serving.engines import engine_class
+from serving.engines.base import EngineHealth, EngineSpec, LoadError, ModelEngine, QueueFull, Retired
 from serving.generation import Generation
+from serving.loading import resolve_device, resolve_dtype
 from serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "LoadError", "QueueFull", "UnknownModel", "resolve_device", "resolve_dtype"]
+__all__ = ["Engine", "EngineOptions", "LoadError", "QueueFull", "Retired", "UnknownModel", "resolve_device",
+           "resolve_dtype"]
 
 
 class UnknownModel(KeyError):
     pass
-
-
-class LoadError(Exception):
-    """A version could not be loaded or failed its warm-up; the previous version keeps serving."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 @dataclass
@@ -53,6 +39,7 @@ class EngineOptions:
     cache_size: int = 256
     cache_ttl: float = 300.0
     cpu_threads: int = 0
+    engine: str = "batching"      # a key of serving.engines.ENGINES
 
 
 def configure_cpu_threads(requested: int) -> int:
@@ -64,59 +51,60 @@ def configure_cpu_threads(requested: int) -> int:
     return threads
 
 
-def load_worker(name: str, version: str, folder: Path, manifest: dict, opts: EngineOptions, metrics: Any) -> ModelWorker:
-    """Load a verified cache folder and warm it with a real prefill + decode step; raises LoadError on any failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = resolve_device(opts.device)
+def load_engine(name: str, version: str, folder: Path, manifest: dict, opts: EngineOptions,
+                metrics: Any) -> ModelEngine:
+    """Load a verified cache folder with the configured engine and warm it; raises LoadError on any failure."""
     started = time.monotonic()
+    spec = EngineSpec(name, version, Path(folder), manifest, device=opts.device, dtype=opts.dtype,
+                      max_batch_size=opts.max_batch_size, max_queue=opts.max_queue)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(opts.dtype, device)).to(device).eval()
-        # The Rust tokenizer underneath: encode (API threads) and decode (worker) share it without locks.
-        tok = AutoTokenizer.from_pretrained(folder).backend_tokenizer
-        worker = ModelWorker(name, version, str(folder), model, tok, manifest, max_batch_size=opts.max_batch_size,
-                             max_queue=opts.max_queue, metrics=metrics)
-        probe = probe_generation(worker, max_tokens=2)
-        worker.run_batch([probe])
-        if probe.error is not None or probe.finish_reason is None:
-            raise LoadError(f"warm-up generation failed: {probe.error}")
+        engine = engine_class(opts.engine).load(spec, metrics)
+        engine.warm_up()
     except LoadError:
         raise
-    except Exception as e:  # any failure to load (bad weights, bad tokenizer, OOM) keeps the old version serving
+    except Exception as e:  # an engine bug or resource failure while loading keeps the old version serving
         raise LoadError(f"{type(e).__name__}: {e}") from e
-    log.info("model %s version %s loaded on %s and warmed in %.2fs", name, version, device, time.monotonic() - started)
-    return worker
+    log.info("model %s version %s loaded (%s) and warmed in %.2fs", name, version, engine.stats(),
+             time.monotonic() - started)
+    return engine
 
 
-def probe_generation(worker: ModelWorker, max_tokens: int = 1) -> Generation:
-    """A greedy generation from the EOT token: a real forward pass, used for warm-up and readiness."""
+def probe_generation(engine: ModelEngine, max_tokens: int = 1) -> Generation:
+    """A greedy generation from the EOT token: a real forward pass, used for readiness."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    return Generation(("probe", time.monotonic()), worker.name, worker.version, "", [worker.eot_id], params)
+    return Generation(("probe", time.monotonic()), engine.name, engine.version, "", [engine.eot_id], params,
+                      engine.tokenizer)
 
 
 class Engine:
-    """Routes sequences to the live worker of each model; identical in-flight sequences share one Generation."""
+    """Routes sequences to the live engine of each model; identical in-flight sequences share one Generation."""
 
     def __init__(self, opts: EngineOptions, metrics: Any = None) -> None:
+        engine_class(opts.engine)  # an unknown engine name fails here, before anything loads
         self.opts, self.metrics = opts, metrics
         if resolve_device(opts.device).type == "cpu":
             log.info("CPU inference with %d torch thread(s)", configure_cpu_threads(opts.cpu_threads))
-        self.live: dict[str, ModelWorker] = {}
+        self.live: dict[str, ModelEngine] = {}
         self.failed: dict[str, str] = {}             # model -> "version: reason" of the last failed load
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()
         self._inflight: dict[Hashable, Generation] = {}
         self._done: TTLCache = TTLCache(maxsize=max(1, opts.cache_size), ttl=opts.cache_ttl)
 
-    def worker(self, model: str) -> ModelWorker:
+    def worker(self, model: str) -> ModelEngine:
+        """The live engine of `model`; UnknownModel when none is loaded."""
         with self._lock:
             if model not in self.live:
                 raise UnknownModel(model)
             return self.live[model]
 
-    def models(self) -> dict[str, ModelWorker]:
+    def models(self) -> dict[str, ModelEngine]:
         with self._lock:
             return dict(self.live)
+
+    def health(self) -> dict[str, EngineHealth]:
+        """Each live model's engine health (is its worker alive, when did it last run a forward pass)."""
+        return {name: e.health() for name, e in self.models().items()}
 
     # hot swap
     def swap(self, name: str, version: str, folder: Path, manifest: dict) -> bool:
@@ -131,7 +119,7 @@ class Engine:
         if current is not None and current.version == version:
             return True
         try:
-            worker = load_worker(name, version, folder, manifest, self.opts, self.metrics)
+            engine = load_engine(name, version, folder, manifest, self.opts, self.metrics)
         except LoadError as e:
             log.error("model %s: version %s failed to load, keeping %s: %s", name, version,
                       current.version if current else "nothing", e)
@@ -139,9 +127,9 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.load_failures.labels(name).inc()
             return False
-        worker.start()
+        engine.start()
         with self._lock:
-            old, self.live[name] = self.live.get(name), worker
+            old, self.live[name] = self.live.get(name), engine
         if self.failed.get(name, "").split(":")[0] <= version:  # ids sort by time: a newer load clears the failure
             self.failed.pop(name, None)
         if self.metrics is not None:
@@ -153,18 +141,18 @@ class Engine:
 
     def close(self) -> None:
         with self._lock:
-            workers, self.live = list(self.live.values()), {}
-        for w in workers:
-            w.close()
-        for w in workers:
-            w.join(timeout=30)
+            engines, self.live = list(self.live.values()), {}
+        for e in engines:
+            e.close()
+        for e in engines:
+            e.join(timeout=30)
 
     # requests
-    def submit(self, worker: ModelWorker, prompt: str, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        """The Generation for this exact sequence on `worker`'s version: a finished one from the cache, an identical
-        in-flight one, or a new one queued on the worker (QueueFull when its queue is full)."""
-        model = worker.name
-        key = (model, worker.version, tuple(prompt_ids), params)
+    def submit(self, engine: ModelEngine, prompt: str, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        """The Generation for this exact sequence on `engine`'s version: a finished one from the cache, an identical
+        in-flight one, or a new one queued on the engine (QueueFull when its queue is full, Retired after a swap)."""
+        model = engine.name
+        key = (model, engine.version, tuple(prompt_ids), params)
         with self._lock:
             gen = self._done.get(key)
             kind = "cache"
@@ -174,9 +162,9 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.dedup.labels(model, kind).inc()
                 return gen
-            gen = Generation(key, model, worker.version, prompt, prompt_ids, params, on_abandon=self._abandon,
-                             on_finish=self._finished)
-            worker.submit(gen)  # raises QueueFull before the generation is registered
+            gen = Generation(key, model, engine.version, prompt, prompt_ids, params, engine.tokenizer,
+                             on_abandon=self._abandon, on_finish=self._finished)
+            engine.submit(gen)  # raises QueueFull before the generation is registered
             self._inflight[key] = gen
         return gen
 
@@ -196,10 +184,10 @@ class Engine:
 
     def probe(self, model: str, timeout: float = 5.0) -> bool:
         """A real one-token forward pass through the model's queue (readiness)."""
-        worker = self.worker(model)
-        gen = probe_generation(worker)
+        engine = self.worker(model)
+        gen = probe_generation(engine)
         try:
-            worker.submit(gen)
+            engine.submit(gen)
         except (QueueFull, Retired):
             return False
         return gen.wait(timeout) and gen.error is None

@@ -1,4 +1,6 @@
-"""Per-request sampling (temperature, top-k, top-p, seeded generator) and incremental detokenizing with stop strings."""
+"""Per-request sampling (temperature, top-k, top-p, seeded generator) and incremental detokenizing with stop strings.
+
+Sampling runs inside an engine's decode loop; `TextTracker` runs outside it, in the sequence (`Generation.push`)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ class SamplingParams:
     top_k: int = 0            # 0 = no top-k cut
     stop: tuple[str, ...] = ()
     seed: int = 42
+    logprobs: int | None = None   # None = no logprobs; k >= 0 = each token's logprob plus the k most likely tokens
+    prompt_logprobs: bool = False  # also score the prompt tokens (echo), with the same k
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -51,6 +51,11 @@ def _coerce(name: str, raw: str, default: Any) -> Any:
             return [part.strip() for part in raw.split(",")]
         if isinstance(default, list):
             return [part.strip() for part in raw.split(",") if part.strip()]
+        if isinstance(default, dict):  # name=value pairs, comma-separated (e.g. TEXTMILL_CHAT_TEMPLATES=abstracts=plain)
+            pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
+            if any(len(p) != 2 or not p[0].strip() for p in pairs):
+                raise ValueError(raw)
+            return {k.strip(): v.strip() for k, v in pairs}
         return type(default)(raw)
     except ValueError:
         raise UserError(f"environment variable {ENV_PREFIX}{name.upper()}={raw!r} is not a valid "
@@ -103,6 +108,10 @@ def validate(cfg: ServingConfig) -> ServingConfig:
         raise UserError(f"serving.device={cfg.device!r} is invalid; use auto, cpu, cuda or cuda:N")
     if cfg.dtype not in DTYPES:
         raise UserError(f"serving.dtype={cfg.dtype!r} is invalid; choose one of {sorted(DTYPES)}")
+    from serving.engines import ENGINES
+
+    if cfg.engine not in ENGINES:
+        raise UserError(f"serving.engine={cfg.engine!r} is not a known engine; choose one of {sorted(ENGINES)}")
     for key in ("max_batch_size", "max_queue", "stream_every", "keep_versions", "cache_size", "cpu_threads"):
         if getattr(cfg, key) < (0 if key in ("keep_versions", "cpu_threads") else 1):
             raise UserError(f"serving.{key}={getattr(cfg, key)} is too small")

@@ -29,9 +29,9 @@ def server(tmp_path_factory, tiny_export):
     root = str(tmp_path_factory.mktemp("registry") / "bucket")
     result = Registry(root).publish(MODEL, tiny_export, metrics={"val_loss": 5.0}, provenance={"test": True},
                                     progress=False)
-    env = {"TEXTMILL_TEST_STEP_DELAY": "0.01", "TEXTMILL_TEST_OOM_PROMPT": OOM_MARKER,
-           "TEXTMILL_STREAM_EVERY": str(STREAM_EVERY), "TEXTMILL_MAX_QUEUE": str(MAX_QUEUE)}
-    proc = ServeProcess(root, tmp_path_factory.mktemp("node"), env=env)
+    env = {"TEXTMILL_STREAM_EVERY": str(STREAM_EVERY), "TEXTMILL_MAX_QUEUE": str(MAX_QUEUE)}
+    proc = ServeProcess(root, tmp_path_factory.mktemp("node"), env=env,
+                        hooks={"HOOK_STEP_DELAY": "0.01", "HOOK_OOM_PROMPT": OOM_MARKER})
     try:
         proc.wait_ready()
         proc.published = result.version
@@ -145,8 +145,10 @@ def test_error_codes(server):
     assert bad_type.status_code == 422 and bad_type.json()["error"]["param"] == "max_tokens"
     bad_temp = complete(server, prompt="x", temperature=7)
     assert bad_temp.status_code == 422 and bad_temp.json()["error"]["param"] == "temperature"
-    unsupported = complete(server, prompt="x", logprobs=5)
+    unsupported = complete(server, prompt="x", presence_penalty=0.5)
     assert unsupported.status_code == 422 and "not supported" in unsupported.json()["error"]["message"]
+    too_many_logprobs = complete(server, prompt="x", logprobs=21)
+    assert too_many_logprobs.status_code == 422 and too_many_logprobs.json()["error"]["param"] == "logprobs"
     unknown = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers=server.headers())
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):

@@ -7,12 +7,19 @@ import time
 import pytest
 import torch
 
-from serving.batcher import Retired
-from serving.engine import Engine, EngineOptions
+from serving.engine import Engine, EngineOptions, Retired
+from serving.engines import ENGINES
 from serving.generation import Generation
 from serving.sampling import SamplingParams, TextTracker, sample
+from tests.fixtures.engines import HookedBatchingEngine
 
 MODEL = "tiny"
+
+
+def slow_engines(monkeypatch, step_delay: float = 0.01) -> dict:
+    """Register the real batching engine with a per-step delay as `slow` (timing-sensitive tests are not races)."""
+    monkeypatch.setitem(ENGINES, "slow", HookedBatchingEngine.configure(step_delay=step_delay))
+    return {"engine": "slow"}
 
 
 def engine_with(export, version="v1", **opts) -> Engine:
@@ -64,7 +71,8 @@ def test_same_text_alone_or_batched_and_greedy_is_top_k_1(tiny_export):
         worker = engine.worker(MODEL)
 
         def gen(prompt: str, **params) -> Generation:
-            return Generation(prompt, MODEL, "v1", prompt, worker.encode(prompt), SamplingParams(**params))
+            return Generation(prompt, MODEL, "v1", prompt, worker.encode(prompt), SamplingParams(**params),
+                              worker.tokenizer)
 
         alone = gen("The quick", max_tokens=24, seed=3)
         worker.run_batch([alone])
@@ -83,8 +91,7 @@ def test_same_text_alone_or_batched_and_greedy_is_top_k_1(tiny_export):
 
 
 def test_late_arrivals_join_a_running_batch_with_unchanged_text(tiny_export, monkeypatch):
-    monkeypatch.setenv("TEXTMILL_TEST_STEP_DELAY", "0.01")
-    engine = engine_with(tiny_export, max_batch_size=8)
+    engine = engine_with(tiny_export, max_batch_size=8, **slow_engines(monkeypatch))
     try:
         worker = engine.worker(MODEL)
         long = run_async(engine, "A long one", max_tokens=80, seed=1)
@@ -96,7 +103,8 @@ def test_late_arrivals_join_a_running_batch_with_unchanged_text(tiny_export, mon
         assert not long.finished  # the short ones did not wait for the long one to end
         assert long.wait(30) and long.finish_reason in ("length", "stop")
         for p, g in zip(prompts, joined):
-            alone = Generation(p, MODEL, "v1", p, worker.encode(p), SamplingParams(max_tokens=6, seed=2))
+            alone = Generation(p, MODEL, "v1", p, worker.encode(p), SamplingParams(max_tokens=6, seed=2),
+                               worker.tokenizer)
             worker.run_batch([alone])
             assert alone.text == g.text
     finally:
@@ -109,9 +117,7 @@ def run_async(engine: Engine, prompt: str, **params) -> Generation:
 
 
 def test_hot_swap_finishes_in_flight_on_the_old_version(tiny_export, tiny_export_factory, monkeypatch):
-    monkeypatch.setenv("TEXTMILL_TEST_STEP_DELAY", "0.01")
-    engine = engine_with(tiny_export, "v1")
-    monkeypatch.delenv("TEXTMILL_TEST_STEP_DELAY")
+    engine = engine_with(tiny_export, "v1", **slow_engines(monkeypatch))
     try:
         old = engine.worker(MODEL)
         long = run_async(engine, "long", max_tokens=60)
@@ -124,7 +130,7 @@ def test_hot_swap_finishes_in_flight_on_the_old_version(tiny_export, tiny_export
         assert old.model is None  # the old version's weights were released after its last request
         assert engine.worker(MODEL).version == "v2"
         with pytest.raises(Retired):  # nothing can queue behind the retired worker's stop marker
-            old.submit(Generation("late", MODEL, "v1", "late", [1], SamplingParams()))
+            old.submit(Generation("late", MODEL, "v1", "late", [1], SamplingParams(), old.tokenizer))
     finally:
         engine.close()
 

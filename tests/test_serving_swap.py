@@ -72,7 +72,7 @@ class Client(threading.Thread):
 def test_hot_swap_under_load_and_bad_versions(registry_root, tiny_export, tiny_export_factory, tmp_path):
     v1 = publish(registry_root, tiny_export)
     node = ServeProcess(registry_root, tmp_path / "node", models=MODEL, args=["--poll-interval", "0.3"],
-                        env={"TEXTMILL_TEST_STEP_DELAY": "0.005"})
+                        hooks={"HOOK_STEP_DELAY": "0.005"})
     try:
         node.wait_ready()
         assert node.version(MODEL) == v1
@@ -121,7 +121,7 @@ def test_unreachable_bucket_serves_cache_then_sigterm_drains(tiny_export, tmp_pa
     Syncer(ServingConfig(root=local_root, cache_dir=str(workdir / "cache"))).sync_once()  # e.g. an earlier boot
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     node = ServeProcess("gs://unreachable-bucket/registry", workdir, models=MODEL,
-                        env={"STORAGE_EMULATOR_HOST": dead, "TEXTMILL_TEST_STEP_DELAY": "0.02"})
+                        env={"STORAGE_EMULATOR_HOST": dead}, hooks={"HOOK_STEP_DELAY": "0.02"})
     try:
         node.wait_ready(timeout=60)
         assert node.version(MODEL) == v1

@@ -185,6 +185,8 @@ class ServingConfig:
     max_connections: int = 1000    # open sockets; lowered to the open-files limit minus a reserve for model files + sync
     max_websockets: int = 256      # open WebSockets (at most half of max_connections); more are refused with 1013
     ws_idle_timeout: float = 300.0  # s a WebSocket may wait for its next request before it is closed (1000 "idle")
+    engine: str = "batching"       # inference engine: a key of serving.engines.ENGINES
+    chat_templates: dict[str, str] = field(default_factory=dict)  # model -> "plain" or a Jinja chat template
 
 
 @dataclass

@@ -1,17 +1,19 @@
-"""One loaded model version and its batching worker thread: collect waiting sequences, step them together on a KV cache.
+"""The continuous-batching engine (`serving.engine: batching`, the default): one loaded transformers model version and
+its worker thread that collects waiting sequences and steps them together on a KV cache.
 
 A batch starts from whatever is queued (up to max_batch_size); prompts are left-padded with an attention mask and
 explicit position ids, every sequence samples with its own parameters and its own seeded `torch.Generator` (so its text
 does not depend on what it was batched with), and finished or cancelled rows are dropped from the cache as they end.
 Sequences that arrive while a batch runs are prefilled on their own and join it between decode steps (their KV cache
 left-padded to the batch's length), so a short request does not wait for the longest one in front of it.
+The decode loop deals in token ids only: text, stop strings and logprob formatting happen outside it (see
+serving/engines/base.py).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import queue
 import threading
 import time
@@ -20,38 +22,28 @@ from typing import Any
 
 import torch
 
-from serving.generation import EngineError, Generation, OutOfMemory
-from serving.sampling import TextTracker, sample
+from serving.engines.base import (EngineError, EngineHealth, EngineSpec, LoadError, ModelEngine, OutOfMemory,
+                                  QueueFull, Retired, Sequence, TokenStep)
+from serving.loading import load_model
+from serving.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
-
-# Test-only hooks through real code paths (documented in docs/serving.md): a per-step delay so timing-sensitive tests
-# (drain, disconnect, hot swap under load) are not races, and an out-of-memory error raised in the forward pass of any
-# batch holding a prompt that contains the marker.
-STEP_DELAY_ENV = "TEXTMILL_TEST_STEP_DELAY"
-OOM_PROMPT_ENV = "TEXTMILL_TEST_OOM_PROMPT"
 
 _STOP = object()
 
 
-class QueueFull(Exception):
-    pass
-
-
-class Retired(Exception):
-    """The worker was replaced by a newer version (hot swap) between lookup and submit: resubmit to the live one."""
-
-
-class ModelWorker:
+class BatchingEngine(ModelEngine):
     """A model version in memory plus the thread that runs its batches. `close()` drains the queue, then frees memory."""
 
     def __init__(self, name: str, version: str, folder: str, model: Any, tokenizer: Any, manifest: dict,
-                 *, max_batch_size: int, max_queue: int, metrics: Any = None) -> None:
+                 *, max_batch_size: int, max_queue: int, metrics: Any = None, chat_template: str | None = None) -> None:
         self.name, self.version, self.folder, self.manifest = name, version, folder, manifest
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.n_ctx = int(model.config.n_positions)
         self.eot_id = int(model.config.eos_token_id)
+        self.vocab_size = int(model.config.vocab_size)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.metrics = metrics
         self.last_ok = 0.0            # monotonic time of the last successful forward pass
@@ -60,8 +52,28 @@ class ModelWorker:
         self._closed = False
         self._stopping = False        # the worker saw close(): finish what is running and queued, then free
         self._thread: threading.Thread | None = None
-        self._step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-        self._oom_marker = os.environ.get(OOM_PROMPT_ENV) or None
+
+    @classmethod
+    def load(cls, spec: EngineSpec, metrics: Any = None) -> "BatchingEngine":
+        """Load `spec.folder` with `serving.loading.load_model`; LoadError on any failure."""
+        try:
+            model, tok = load_model(spec.folder, spec.device, spec.dtype)
+        except Exception as e:  # any failure to load (bad weights, bad tokenizer, OOM) keeps the old version serving
+            raise LoadError(f"{type(e).__name__}: {e}") from e
+        # The Rust tokenizer underneath: encode (API threads) and decode (engine thread) share it without locks.
+        return cls(spec.name, spec.version, str(spec.folder), model, tok.backend_tokenizer, spec.manifest,
+                   max_batch_size=spec.max_batch_size, max_queue=spec.max_queue, metrics=metrics,
+                   chat_template=getattr(tok, "chat_template", None) or None)
+
+    def warm_up(self) -> None:
+        """A greedy 2-token generation from EOT run on the calling thread (the worker has not started)."""
+        from serving.generation import Generation
+
+        probe = Generation(("warm-up",), self.name, self.version, "", [self.eot_id],
+                           SamplingParams(max_tokens=2, temperature=0.0), self.tokenizer)
+        self.run_batch([probe])
+        if probe.error is not None or probe.finish_reason is None:
+            raise LoadError(f"warm-up generation failed: {probe.error}")
 
     # lifecycle
     def start(self) -> None:
@@ -78,10 +90,16 @@ class ModelWorker:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def health(self) -> EngineHealth:
+        alive = self._thread is not None and self._thread.is_alive()
+        detail = "" if alive else ("not started" if self._thread is None else "worker thread has exited")
+        return EngineHealth(alive, self.last_ok, self._queue.qsize(), detail)
 
-    def submit(self, gen: Generation) -> None:
+    def stats(self) -> dict[str, Any]:
+        return {"engine": "batching", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "queue_depth": self._queue.qsize(), "max_batch_size": self.max_batch_size}
+
+    def submit(self, gen: Sequence) -> None:
         with self._submit_lock:  # nothing may land behind the stop marker, where no one would run it
             if self._closed:
                 raise Retired(f"{self.name} {self.version} was replaced")
@@ -99,9 +117,9 @@ class ModelWorker:
         if self.metrics is not None:
             self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
 
-    def _take_waiting(self, limit: int, block: bool = False) -> list[Generation]:
+    def _take_waiting(self, limit: int, block: bool = False) -> list[Sequence]:
         """Up to `limit` queued, not cancelled sequences; notes the stop marker instead of returning it."""
-        taken: list[Generation] = []
+        taken: list[Sequence] = []
         while len(taken) < limit and not self._stopping:
             try:
                 item = self._queue.get(block=block and not taken)
@@ -129,14 +147,14 @@ class ModelWorker:
             torch.cuda.empty_cache()
 
     @staticmethod
-    def _drop_if_cancelled(g: Generation) -> bool:
+    def _drop_if_cancelled(g: Sequence) -> bool:
         if g.cancelled:
-            g.finish("cancelled", g.tokens)
+            g.finish("cancelled")
         return g.cancelled
 
     # generation
-    def run_batch(self, gens: list[Generation]) -> None:
-        """Generate every sequence in `gens` to its end; failures end that batch's sequences with an error event."""
+    def run_batch(self, gens: list[Sequence]) -> None:
+        """Generate every sequence in `gens` to its end; failures end that batch's sequences with an error."""
         started, taken = time.monotonic(), list(gens)
         try:
             self._generate(taken)  # appends the sequences that join while it runs
@@ -156,16 +174,13 @@ class ModelWorker:
         if self.metrics is not None:
             self.metrics.batch_seconds.labels(self.name).observe(time.monotonic() - started)
 
-    def _forward(self, gens: list[Generation], **inputs: Any) -> Any:
-        if self._oom_marker and any(self._oom_marker in g.prompt for g in gens):
-            raise torch.OutOfMemoryError(f"injected by {OOM_PROMPT_ENV} for a test")
+    def _forward(self, gens: list[Sequence], **inputs: Any) -> Any:
+        """One model call for the rows `gens` (a subclass may wrap it: tests add delays or injected failures here)."""
         out = self.model(**inputs, use_cache=True)
         self.last_ok = time.monotonic()
-        if self._step_delay:
-            time.sleep(self._step_delay)
         return out
 
-    def _prefill_inputs(self, gens: list[Generation]) -> dict[str, torch.Tensor]:
+    def _prefill_inputs(self, gens: list[Sequence]) -> dict[str, torch.Tensor]:
         width = max(len(g.prompt_ids) for g in gens)
         ids = torch.full((len(gens), width), self.eot_id, dtype=torch.long)
         mask = torch.zeros((len(gens), width), dtype=torch.long)
@@ -179,7 +194,7 @@ class ModelWorker:
                 "position_ids": positions.to(self.device)}
 
     @torch.inference_mode()
-    def _generate(self, gens: list[Generation]) -> None:
+    def _generate(self, gens: list[Sequence]) -> None:
         """Decode until every row has ended; sequences that arrive meanwhile join between steps (continuous batching)."""
         run = self._prefill(gens)
         tokens = self._sample(run)
@@ -197,25 +212,64 @@ class ModelWorker:
             run.cache, run.logits, run.next_pos = out.past_key_values, out.logits[:, -1, :], run.next_pos + 1
             tokens = self._sample(run)
 
-    def _prefill(self, gens: list[Generation]) -> "_Rows":
+    def _prefill(self, gens: list[Sequence]) -> "_Rows":
         inputs = self._prefill_inputs(gens)
-        out = self._forward(gens, **inputs)
-        return _Rows(rows=list(gens), trackers=[TextTracker(self.tokenizer, g.params.stop) for g in gens],
-                     rngs=[torch.Generator(device=self.device).manual_seed(g.params.seed) for g in gens],
+        scoring = any(g.params.prompt_logprobs for g in gens)
+        # Only the last position's logits are needed to sample; the whole prompt's only when a row scores its prompt.
+        out = self._forward(gens, **inputs, logits_to_keep=0 if scoring else 1)
+        if scoring:
+            self._score_prompts(gens, out.logits)
+        return _Rows(rows=list(gens), rngs=[torch.Generator(device=self.device).manual_seed(g.params.seed) for g in gens],
                      counts=[0] * len(gens), cache=out.past_key_values, logits=out.logits[:, -1, :],
                      mask=inputs["attention_mask"], next_pos=inputs["position_ids"][:, -1] + 1)
 
+    @staticmethod
+    def _score_prompts(gens: list[Sequence], logits: torch.Tensor) -> None:
+        """Prompt token i's logprob is log_softmax(logits at position i-1)[token i], for i = 1..n-1 (left padding)."""
+        width = logits.shape[1]
+        for row, g in enumerate(gens):
+            n = len(g.prompt_ids)
+            if not g.params.prompt_logprobs or n < 2:
+                if g.params.prompt_logprobs:
+                    g.set_prompt_logprobs([])
+                continue
+            logp = torch.log_softmax(logits[row, width - n:width - 1].float(), dim=-1)
+            targets = torch.tensor(g.prompt_ids[1:], device=logp.device)
+            chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+            k = g.params.logprobs or 0
+            top_v, top_i = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+            g.set_prompt_logprobs([TokenStep(t, lp, tuple(zip(ti, tv))) for t, lp, ti, tv in
+                                   zip(g.prompt_ids[1:], chosen, top_i.tolist(), top_v.tolist())])
+
+    @staticmethod
+    def _token_step(logits: torch.Tensor, token: int, k: int | None) -> TokenStep:
+        if k is None:
+            return TokenStep(token)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = ()
+        if k:
+            values, ids = logp.topk(k)
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        return TokenStep(token, float(logp[token]), top)
+
     def _sample(self, run: "_Rows") -> list[int]:
         """Sample one token per row, hand it to its sequence, drop rows that ended; the kept rows' tokens."""
-        tokens, keep = [], []
+        tokens, keep, sampled = [], [], 0
         for i, g in enumerate(run.rows):
+            if g.cancelled:
+                g.finish("cancelled")
+                continue
+            if g.params.max_tokens <= run.counts[i]:  # max_tokens 0: the prompt was only scored
+                g.finish("length")
+                continue
             token = sample(run.logits[i], g.params, run.rngs[i])
             run.counts[i] += 1
-            if self._advance(g, run.trackers[i], token, run.counts[i]):
+            sampled += 1
+            if self._advance(g, self._token_step(run.logits[i], token, g.params.logprobs), run.counts[i]):
                 keep.append(i)
                 tokens.append(token)
         if self.metrics is not None:
-            self.metrics.tokens.labels(self.name).inc(len(run.rows))
+            self.metrics.tokens.labels(self.name).inc(sampled)
             self.metrics.batch_size.labels(self.name).observe(len(run.rows))
         if len(keep) < len(run.rows):
             run.select(keep)
@@ -233,29 +287,21 @@ class ModelWorker:
                 setattr(old_layer, attr, torch.cat([_left_pad(a, width, dim=2), _left_pad(b, width, dim=2)], dim=0))
         run.mask = torch.cat([_left_pad(run.mask, width, dim=1), _left_pad(new.mask, width, dim=1)], dim=0)
         run.next_pos = torch.cat([run.next_pos, new.next_pos])
-        for name in ("rows", "trackers", "rngs", "counts"):
+        for name in ("rows", "rngs", "counts"):
             getattr(run, name).extend(getattr(new, name))
         return tokens + new_tokens
 
-    def _advance(self, g: Generation, tracker: TextTracker, token: int, count: int) -> bool:
-        """Feed one sampled token to a sequence; False when it has ended (EOS, stop string, length, cancelled)."""
-        if g.cancelled:
-            g.finish("cancelled", count)
+    def _advance(self, g: Sequence, step: TokenStep, count: int) -> bool:
+        """Hand one sampled token to its sequence; False when it has ended (EOS, stop string, length)."""
+        if step.token == self.eot_id:
+            g.push(step)
+            g.finish("stop")
             return False
-        if token == self.eot_id:
-            g.emit(tracker.flush(), count)
-            g.finish("stop", count)
-            return False
-        delta, stopped = tracker.push(token)
-        if stopped:
-            g.emit(delta, count)
-            g.finish("stop", count)
+        if not g.push(step):  # a stop string: the sequence ended itself
             return False
         if count >= g.params.max_tokens or len(g.prompt_ids) + count >= self.n_ctx:
-            g.emit(delta + tracker.flush(), count)
-            g.finish("length", count)
+            g.finish("length")
             return False
-        g.emit(delta, count)
         return True
 
 
@@ -272,8 +318,7 @@ def _left_pad(x: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
 class _Rows:
     """The running batch: per-row state in lists, the shared KV cache, attention mask and next positions."""
 
-    rows: list[Generation]
-    trackers: list[TextTracker]
+    rows: list[Sequence]
     rngs: list[torch.Generator]
     counts: list[int]
     cache: Any
@@ -285,5 +330,4 @@ class _Rows:
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
-        self.rows, self.trackers, self.rngs, self.counts = (
-            [seq[i] for i in keep] for seq in (self.rows, self.trackers, self.rngs, self.counts))
+        self.rows, self.rngs, self.counts = ([seq[i] for i in keep] for seq in (self.rows, self.rngs, self.counts))
