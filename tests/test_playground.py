@@ -45,9 +45,8 @@ def server(tmp_path_factory, tiny_export):
     version = Registry(root).publish(MODEL, tiny_export, metrics={"val_loss": 5.0}, provenance={"test": True},
                                      progress=False).version
     # One sequence at a time and one waiting: two background requests make the page's third a 429.
-    env = {"TEXTMILL_TEST_STEP_DELAY": "0.01", "TEXTMILL_STREAM_EVERY": "2", "TEXTMILL_MAX_BATCH_SIZE": "1",
-           "TEXTMILL_MAX_QUEUE": "1"}
-    proc = ServeProcess(root, tmp_path_factory.mktemp("node"), env=env)
+    env = {"TEXTMILL_STREAM_EVERY": "2", "TEXTMILL_MAX_BATCH_SIZE": "1", "TEXTMILL_MAX_QUEUE": "1"}
+    proc = ServeProcess(root, tmp_path_factory.mktemp("node"), env=env, hooks={"HOOK_STEP_DELAY": "0.01"})
     try:
         proc.wait_ready()
         proc.published = version
