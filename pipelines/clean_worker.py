@@ -71,7 +71,7 @@ class Worker:
 
     def repair(self, rec: Record) -> Doc:
         """Repaired fields (`doc.fields`) and the rendered, tidied text of one parsed record."""
-        doc = Doc(rec.id, rec.source, {name: rec.fields.get(name) for name in self.fields})
+        doc = Doc(rec.id, rec.source, {name: rec.fields.get(name) for name in self.fields}, fixes=list(rec.fixes))
         for fixer in self.repairs:
             fixer.apply_fields(doc, self.fields)
         doc.text = self.render(doc)

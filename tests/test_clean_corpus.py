@@ -198,7 +198,7 @@ def test_adhoc_cli_dedups_across_files_first_kept(tmp_path):
                            "--text", "{body}", "--id", "id", "--lang", "en", "--set", "clean.workers=1"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2, proc.stderr   # b.txt has no {body}: a template mistake, named
-    assert "b.txt:1: record has no field(s) ['body', 'id']" in proc.stderr
+    assert "b.txt:1: record has no field(s) ['body']" in proc.stderr  # `--id` does not apply to text files
     (tmp_path / "b.txt").rename(tmp_path / "b.csv")
     (tmp_path / "b.csv").write_text(f'id,body\ny1,"{para.upper()}"\ny2,"Third, unique paragraph of English text for the ad hoc run."\n',
                                     encoding="utf-8")
