@@ -73,7 +73,8 @@ def outcomes(records: Iterable[Record], settings: Settings, workers: int, chunk_
         for chunk in chunks:
             yield from clean_worker.process_chunk(chunk)
         return
-    with ProcessPoolExecutor(workers, initializer=clean_worker.init, initargs=(settings,)) as pool:
+    with ProcessPoolExecutor(workers, initializer=clean_worker.init,
+                             initargs=(settings, os.getpid())) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.submit(clean_worker.process_chunk, chunk))
@@ -209,8 +210,9 @@ def run_adhoc(args: argparse.Namespace) -> dict:
     if args.detector:
         cfg.clean.detector = args.detector
         tconfig.validate(cfg)
+    files = _adhoc_files(args.raw)  # first: it names unreadable paths (a symlink loop) that resolving would trip on
     out = _check_out(Path(args.out), args.raw)
-    report, timings = clean_files(_adhoc_files(args.raw), corpus, cfg.clean, out, out.name)
+    report, timings = clean_files(files, corpus, cfg.clean, out, out.name)
     write_json_atomic(out / "report.json", report)
     log.info("cleaned %d -> %d docs in %.1f s", report["docs_in"], report["docs_out"], timings["seconds"])
     return report

@@ -4,7 +4,13 @@ language detection and dedup signatures. Deciding duplicates needs every earlier
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import string
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,6 +25,7 @@ from pipelines.steps.near_dup import Shingler
 from pipelines.steps.whitespace import Whitespace
 
 EXCERPT_CHARS = 200
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -109,10 +116,34 @@ class Worker:
 _worker: Optional[Worker] = None
 
 
-def init(settings: Settings) -> None:
-    """Pool initializer: build the steps and load the language model once per process."""
+def init(settings: Settings, parent: Optional[int] = None) -> None:
+    """Pool initializer: exit with the parent (`parent` = its pid), build the steps, load the language model once."""
     global _worker
+    if parent is not None:
+        die_with_parent(parent)
     _worker = Worker(settings)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this worker end when the parent process dies, even by SIGKILL (which runs no cleanup in the parent).
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGKILL) through ctypes; the kernel signals us when the parent exits. Elsewhere (and in
+    case the parent died before the call) a daemon thread polls the parent pid once a second."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent is already gone: we were re-parented before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def process_chunk(records: list[Record]) -> list[Outcome]:

@@ -61,17 +61,83 @@ def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
     return h.hexdigest()
 
 
+OWNER_FILE = ".owner.json"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat; "" where there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner() -> dict[str, Any]:
+    return {"pid": os.getpid(), "boot_id": _boot_id(), "start": _start_time(os.getpid())}
+
+
+def _owner_gone(owner: dict[str, Any]) -> bool:
+    """Whether the process that made a temp folder has ended: another boot, no such pid, or a new process on its pid."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False  # not ours to judge
+    if owner.get("boot_id") and owner["boot_id"] != _boot_id():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return bool(owner.get("start")) and _start_time(pid) not in ("", owner["start"])
+
+
+def remove_stale_temps(dest: Path) -> list[Path]:
+    """Remove `.<dest name>.*.tmp` folders beside `dest` left by runs that were killed (their owner process is gone).
+
+    Folders of live runs, and folders without an owner record, are left alone. Returns the folders removed."""
+    removed = []
+    prefix = f".{dest.name}."
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp") and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            owner = json.loads((Path(entry.path) / OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and _owner_gone(owner):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success rename it onto `dest` (file or folder), on error remove it.
 
-    Readers never see a half-written file or folder. A folder `dest` that already exists is replaced whole.
+    Readers never see a half-written file or folder. A folder `dest` that already exists is replaced whole. The temp
+    folder `.<name>.<random>.tmp` records its owner (pid, boot id, process start time), so the next run writing `dest`
+    removes the ones whose owner was killed (SIGKILL, power loss) instead of leaving gigabytes behind.
     """
     dest = Path(dest).absolute()  # `.` and `x/..` get a real name
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     target = tmp / dest.name
     try:
+        (tmp / OWNER_FILE).write_text(json.dumps(_owner()), encoding="utf-8")
         yield target
         if dest.is_dir() and not dest.is_symlink():
             # The old folder is parked inside this run's unique temp folder, so a run killed while deleting it leaves

@@ -167,22 +167,44 @@ class Lines:
         if not self.decoding.line_safe:
             yield from self._text_lines()
             return
-        first = True
         codec = self.decoding.codec
-        while True:
-            line = self.raw.readline(self.limit)
-            if not line:
-                return
-            if len(line) >= self.limit and not line.endswith(b"\n"):
-                self._drain(line)
+        for n, line in enumerate(self._byte_lines()):
+            if line is None:
                 yield OVERLONG
                 continue
-            text = self._decode(line, codec if first or codec != "utf-8-sig" else "utf-8")
-            first = False
+            text = self._decode(line, codec if n == 0 or codec != "utf-8-sig" else "utf-8")
             if "\r" in text[:-1]:  # a lone CR ends a line too (classic Mac files)
                 yield from _LINE.findall(text)
             else:
                 yield text
+
+    def _byte_lines(self) -> Iterator[bytes | None]:
+        """Lines split on b"\n" from BLOCK-sized reads (a file object's own readline peeks a few hundred bytes at a time
+        in zip members); None for a line longer than the limit, which is read through and dropped."""
+        buf, pos, dropping = b"", 0, False
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl >= 0:
+                if dropping:
+                    dropping = False
+                    yield None
+                else:
+                    yield buf[pos:nl + 1]
+                pos = nl + 1
+                continue
+            rest = buf[pos:]
+            if len(rest) > self.limit:
+                if not dropping:
+                    self.head = rest[:400].decode(self.decoding.codec, "replace")
+                dropping, rest = True, b""
+            block = self.raw.read(BLOCK)
+            if not block:
+                if dropping:
+                    yield None
+                elif rest:
+                    yield rest
+                return
+            buf, pos = rest + block, 0
 
     def _decode(self, line: bytes, codec: str) -> str:
         try:
@@ -192,11 +214,6 @@ class Lines:
                 raise
             self.fallbacks += 1
             return line.decode(codec, "textmill-cp1252")
-
-    def _drain(self, head: bytes) -> None:
-        self.head = head[:400].decode(self.decoding.codec, "replace")
-        while (more := self.raw.readline(BLOCK)) and not more.endswith(b"\n"):
-            pass
 
     def _text_lines(self) -> Iterator[str]:
         import io
