@@ -36,6 +36,7 @@ from textmill.storage import atomic_path, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
+LANGUAGE_REASONS = ("no_language", "wrong_language", "low_confidence")
 DROP_REASONS = ("malformed_row", "malformed_json", "missing_field", "empty", "too_short", "too_long", "duplicate",
                 "near_duplicate", "no_language", "wrong_language", "low_confidence")
 
@@ -47,7 +48,8 @@ def settings_for(corpus: CorpusConfig, clean: CleanConfig) -> Settings:
     return Settings(template=corpus.text, required=tuple(corpus.required), steps=tuple(corpus.steps),
                     fix_html=clean.fix_html, min_chars=corpus.min_chars, max_chars=corpus.max_chars,
                     detector=clean.detector, seed=clean.seed, near_dup=clean.near_dup.enabled,
-                    num_perm=clean.near_dup.num_perm, ngram=clean.near_dup.ngram)
+                    num_perm=clean.near_dup.num_perm, ngram=clean.near_dup.ngram,
+                    full_rejected_text=clean.rejected_text == "full")
 
 
 def read_options(corpus: CorpusConfig) -> ReadOptions:
@@ -85,24 +87,31 @@ def outcomes(records: Iterable[Record], settings: Settings, workers: int, chunk_
 
 
 def decide(stream: Iterable[Outcome], corpus: CorpusConfig, clean: CleanConfig, writer: CorpusWriter) -> Tally:
-    """The parent's half: duplicates (first occurrence in input order kept), then language; write every outcome."""
+    """The parent's half: duplicates (first occurrence in input order kept), then language; write every outcome.
+    A duplicate's rejection names the id it repeats; a language rejection carries the detector's distribution."""
     tally = Tally()
     exact = ExactDedup()
     near = NearDedup(clean.near_dup.threshold, clean.near_dup.num_perm) if clean.near_dup.enabled else None
     threshold = clean.fasttext_threshold if clean.detector == "fasttext" else clean.lang_threshold
     language = Language(corpus.lang, threshold)
+    full = clean.rejected_text == "full"
     for out in tqdm(stream, desc="clean", unit="doc", disable=None, mininterval=1.0):
         doc = out.doc
         tally.seen(doc)
-        reason, excerpt = out.reason, out.excerpt
+        reason, excerpt, original = out.reason, out.excerpt, None
         if reason is None:
-            reason = exact.keep(doc) or (near.find(doc) if near else None) or language.keep(doc)
-            excerpt = doc.text[:clean_worker.EXCERPT_CHARS]
+            if (original := exact.original(doc)) is not None:
+                reason = "duplicate"
+            elif near and (original := near.original(doc)) is not None:
+                reason = "near_duplicate"
+            else:
+                reason = language.keep(doc)
+            excerpt = doc.text if full else doc.text[:clean_worker.EXCERPT_CHARS]
             if reason is None and near:
                 near.add(doc)  # only kept documents make later ones near-duplicates
         if reason:
             tally.dropped(reason)
-            writer.reject(doc, reason, excerpt)
+            writer.reject(doc, reason, excerpt, original, doc.langs if reason in LANGUAGE_REASONS else None)
         else:
             tally.kept(doc)
             writer.doc(doc)
@@ -143,9 +152,10 @@ def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: Clea
 
 
 def drops_csv(report: dict) -> str:
-    """`reason,count` for every known reason (zeros included), so the DVC bar plot keeps the same bars run to run."""
-    reasons = list(DROP_REASONS) + sorted(set(report["drops"]) - set(DROP_REASONS))
-    return "reason,count\n" + "".join(f"{r},{report['drops'].get(r, 0)}\n" for r in reasons)
+    """`reason,count` for the reasons that dropped something (zero-count reasons left out), in a fixed order: the DVC
+    bar plot (titled with its corpus in dvc.yaml) shows only real drops."""
+    reasons = [r for r in DROP_REASONS if r in report["drops"]] + sorted(set(report["drops"]) - set(DROP_REASONS))
+    return "reason,count\n" + "".join(f"{r},{report['drops'][r]}\n" for r in reasons if report["drops"][r])
 
 
 def run_configured(name: str, params: str, overrides: list[str]) -> dict:

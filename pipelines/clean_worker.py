@@ -19,7 +19,7 @@ from pipelines.steps import CORPUS_STEPS, REPAIRS
 from pipelines.steps.base import Doc
 from pipelines.steps.empty import Empty
 from pipelines.steps.exact_dup import signature
-from pipelines.steps.language import detect_many, make_detector
+from pipelines.steps.language import distributions, make_detector
 from pipelines.steps.length import Length
 from pipelines.steps.near_dup import Shingler
 from pipelines.steps.whitespace import Whitespace
@@ -43,6 +43,7 @@ class Settings:
     near_dup: bool = True
     num_perm: int = 128
     ngram: int = 5
+    full_rejected_text: bool = False  # rejected.jsonl keeps the whole text, not the first EXCERPT_CHARS
 
 
 @dataclass
@@ -95,14 +96,15 @@ class Worker:
         for f in self.filters:
             reason = f.keep(doc)
             if reason:
-                return Outcome(doc, reason, doc.text[:EXCERPT_CHARS])
+                return Outcome(doc, reason, doc.text if self.settings.full_rejected_text else doc.text[:EXCERPT_CHARS])
         doc.fields = {}  # not needed past this point; keeps what travels back to the parent small
         return Outcome(doc)
 
     def finish(self, docs: list[Doc]) -> None:
         """Language (the whole chunk in one detector call where it takes lists) and dedup signatures of the survivors."""
-        for doc, (lang, prob) in zip(docs, detect_many(self.detector, [d.text for d in docs])):
-            doc.lang, doc.lang_prob = lang, prob
+        for doc, dist in zip(docs, distributions(self.detector, [d.text for d in docs])):
+            doc.langs = dist
+            doc.lang, doc.lang_prob = next(iter(dist.items()), ("", 0.0))
             doc.signature = signature(doc.text)
             if self.shingler is not None:
                 doc.minhash = self.shingler.signature(doc.text)
