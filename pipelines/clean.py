@@ -32,7 +32,7 @@ from pipelines.steps.near_dup import NearDedup
 from textmill import config as tconfig
 from textmill.config import CleanConfig, CorpusConfig, CsvConfig
 from textmill.errors import UserError
-from textmill.storage import atomic_path, write_json_atomic, write_text_atomic
+from textmill.storage import atomic_path, is_local, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def run_configured(name: str, params: str, overrides: list[str]) -> dict:
     """The DVC stage: corpus `name` from params.yaml -> {paths.clean}/<name>/ and {paths.reports}/clean/<name>*."""
     cfg = tconfig.load(params, overrides)
     corpus = cfg.corpus(name)
+    _local_only(cfg.paths.raw, "paths.raw")
     root = Path(cfg.paths.raw) / name
     files = [(p, p.relative_to(root).as_posix()) for p in resolve(root, corpus.files)]
     report, timings = clean_files(files, corpus, cfg.clean, Path(cfg.paths.clean) / name, name)
@@ -172,10 +173,18 @@ def run_configured(name: str, params: str, overrides: list[str]) -> dict:
     return report
 
 
+def _local_only(uri: str, where: str) -> None:
+    """`clean` reads local files (archives in place); a remote URI gets one line saying how to bring it here."""
+    if not is_local(uri):
+        raise UserError(f"{where} {uri}: clean reads local files; copy it here first (`gsutil cp -r {uri} data/raw/"
+                        "<name>/`, `curl -LO`, or `dvc pull` for a DVC-tracked corpus) and point at the copy")
+
+
 def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
     """Files named on the command line, in the given order; a folder contributes its files (sorted, recursive)."""
     files: list[tuple[Path, str]] = []
     for raw in paths:
+        _local_only(raw, "--raw")
         path = Path(raw)
         try:
             path.stat()
