@@ -170,6 +170,19 @@ def test_semicolon_and_pipe_separated_files_are_sniffed(tmp_path):
     assert texts(records([tmp_path / "p.csv"], id_field="id")) == ["a, b and c", "d, e"]
 
 
+def test_sniff_survives_a_head_cut_inside_a_quoted_multiline_field(tmp_path):
+    body = "first line, with a comma\n" + "second line, with another comma " * 40 + "\nthird, last"
+    with (tmp_path / "long.csv").open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "body"])
+        for i in range(200):                             # ~270 KB: the 64 KiB sniffed head ends inside a field
+            w.writerow([f"r{i}", body])
+    with RawCorpus([(tmp_path / "long.csv", "long.csv")], ReadOptions(template="{body}", id_field="id")) as raw:
+        assert raw.dialects["long.csv"]["quoting"] == "minimal" and raw.dialects["long.csv"]["delimiter"] == ","
+        recs = list(raw.records())
+    assert len(recs) == 200 and all(r.fields["body"] == body for r in recs)
+
+
 def test_dialect_from_config_no_header_and_comments(tmp_path):
     (tmp_path / "h.csv").write_text("# exported 2024-01-01\nx1,first text\n# a note\nx2,second text\n", encoding="utf-8")
     recs = records([tmp_path / "h.csv"], template="{2}", id_field="1", csv={"header": False, "comment": "#"})

@@ -127,7 +127,7 @@ class RawCorpus:
         try:
             for path, label in self.files:
                 _check_path(path, "file")
-                if archives.is_junk(path.name):
+                if archives.is_junk(label):
                     self._skip("junk")
                     continue
                 for leaf in archives.expand(lambda p=path: open(p, "rb"), label, path.name, self._stack, self.skipped):

@@ -56,11 +56,23 @@ def check(settings: dict[str, Any], where: str) -> None:
 
 
 def _consistent(sample: list[str], d: Dialect) -> tuple[float, int]:
-    """(share of rows with the first row's field count, that count) when the sample parses under `d`, else (0, 0)."""
-    try:
-        rows = [len(row) for row in d.reader(sample) if row]
-    except csv.Error:
-        return 0.0, 0
+    """(share of rows with the first row's field count, that count) when the sample parses under `d`, else (0, 0).
+
+    The sample is cut at a line end, which can fall inside a quoted multi-line field: running out of data there is not
+    a parse failure, the rows before it count."""
+    rows: list[int] = []
+    reader = d.reader(sample)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if "unexpected end of data" in str(e) and rows:
+                break
+            return 0.0, 0
+        if row:
+            rows.append(len(row))
     if not rows:
         return 0.0, 0
     return sum(n == rows[0] for n in rows) / len(rows), rows[0]
