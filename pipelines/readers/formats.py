@@ -17,6 +17,7 @@ from pipelines.readers.encoding import Overlong
 from textmill.errors import UserError
 
 JSON_BLOCK = 1 << 16
+NO_LIMIT = 1 << 62
 EXCERPT = 200
 
 
@@ -28,7 +29,8 @@ class Malformed:
     excerpt: str
 
 
-def read_csv(lines: Iterable[str], label: str, dialect: Dialect, limit: int) -> Iterator[tuple[int, dict | Malformed]]:
+def read_csv(lines: Iterable[str], label: str, dialect: Dialect = Dialect(),
+             limit: int = 1 << 31) -> Iterator[tuple[int, dict | Malformed]]:
     """Rows as dicts keyed by the header (or by column number "1", "2", ... when `dialect.header` is off)."""
     csv.field_size_limit(max(limit, 1024))  # a longer field is a csv.Error, turned into `too_long` below
     lines = _Watch(lines)
@@ -121,7 +123,7 @@ def _read(lines: Iterator[str], n: int) -> str:
     return "".join(parts)
 
 
-def read_json_array(lines: Iterable[str], label: str, limit: int) -> Iterator[tuple[int, dict | Malformed]]:
+def read_json_array(lines: Iterable[str], label: str, limit: int = NO_LIMIT) -> Iterator[tuple[int, dict | Malformed]]:
     """A top-level JSON array, decoded element by element from a sliding buffer (the array is never held whole)."""
     it = iter(lines)
     decoder = json.JSONDecoder()
@@ -152,7 +154,7 @@ def read_json_array(lines: Iterable[str], label: str, limit: int) -> Iterator[tu
         yield row, obj if isinstance(obj, dict) else Malformed("malformed_json", f"element {row}: not a JSON object")
 
 
-def read_txt(lines: Iterable[str], split: str, limit: int) -> Iterator[tuple[int, dict | Malformed]]:
+def read_txt(lines: Iterable[str], split: str, limit: int = NO_LIMIT) -> Iterator[tuple[int, dict | Malformed]]:
     """`file`: the whole file is one record; `paragraph`: blank-line separated; anything else: that separator line.
 
     A record past `limit` characters stops being collected there and becomes a `too_long` rejection. A file or section
