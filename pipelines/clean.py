@@ -203,7 +203,7 @@ def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
 
 def _check_out(out: Path, raws: list[str]) -> Path:
     """The output folder is replaced whole, so it must not overlap an input or hold anything but a previous clean."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file, not a folder; the clean corpus is a folder: choose a new or "
                         "empty folder path")
     out = out.resolve()

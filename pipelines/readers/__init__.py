@@ -130,11 +130,16 @@ class RawCorpus:
                 if archives.is_junk(label):
                     self._skip("junk")
                     continue
-                for leaf in archives.expand(lambda p=path: open(p, "rb"), label, path.name, self._stack, self.skipped):
-                    if not archives.selected(leaf.label, list(self.opts.include), list(self.opts.exclude)):
-                        self._skip("excluded")
-                        continue
-                    self.sources.append(self._plan(leaf))
+                try:
+                    for leaf in archives.expand(lambda p=path: open(p, "rb"), label, path.name, self._stack,
+                                                self.skipped):
+                        if not archives.selected(leaf.label, list(self.opts.include), list(self.opts.exclude)):
+                            self._skip("excluded")
+                            continue
+                        self.sources.append(self._plan(leaf))
+                except PermissionError as e:
+                    raise UserError(f"{path}: cannot read it ({e.strerror}); fix its permissions or leave it out "
+                                    "with `exclude:`") from None
         except BaseException:
             self._stack.close()
             raise
