@@ -280,3 +280,28 @@ def test_over_long_records_are_dropped_while_read(tmp_path):
         recs = records([tmp_path / name], split=split, record_limit=100_000)
         assert "too_long" in texts(recs) and LONG in [t.strip() for t in texts(recs)], name
         assert all(len(r.fields.get("text") or "") < 100_000 for r in recs)
+
+
+def test_configured_corpus_takes_include_exclude_and_dialect_from_its_config(tmp_path):
+    """The same settings through configs/corpus/<name>.yaml keys (params.yaml), as the DVC stage runs them."""
+    from omegaconf import OmegaConf
+
+    from pipelines.clean import run_configured
+
+    raw = tmp_path / "raw/kaggle"
+    raw.mkdir(parents=True)
+    semi = f"id;text\nk1;{LONG}\nk2;Zweite Zeile; nein, eine englische: {LONG.lower()}\n".replace("; nein", ", nein")
+    (raw / "competition.zip").write_bytes(_zip_bytes({"train.csv.zip": _zip_bytes({"train.csv": semi.encode()}),
+                                                      "README.md": b"# Readme\n", "Thumbs.db": b"\x00"}))
+    data = OmegaConf.load(Path(__file__).resolve().parent.parent / "params.yaml")
+    data.paths.raw, data.paths.clean, data.paths.reports = str(tmp_path / "raw"), str(tmp_path / "clean"), str(tmp_path / "rep")
+    data.corpora = {"kaggle": {**OmegaConf.to_container(data.corpora.legal), "files": ["competition.zip"], "format": "auto",
+                               "split": "file", "id": "id", "include": [], "exclude": ["*.md"], "lang": [],
+                               "csv": {**OmegaConf.to_container(data.corpora.legal.csv), "delimiter": ";"}}}
+    data.models = {}
+    data.clean.workers = 1
+    OmegaConf.save(data, tmp_path / "params.yaml")
+    report = run_configured("kaggle", str(tmp_path / "params.yaml"), [])
+    assert report["docs_out"] == 2 and report["skipped_files"] == {"excluded": 1, "junk": 1}
+    dialect = report["dialects"]["competition.zip:train.csv.zip:train.csv"]
+    assert dialect["delimiter"] == ";" and "delimiter" not in dialect["sniffed"]
