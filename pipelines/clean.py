@@ -24,18 +24,19 @@ from tqdm import tqdm
 from pipelines import clean_worker
 from pipelines.clean_worker import Outcome, Settings
 from pipelines.clean_writer import CorpusWriter
-from pipelines.readers import ReadOptions, Record, iter_records, resolve
+from pipelines.readers import RawCorpus, ReadOptions, Record, resolve
 from pipelines.steps.base import Tally
 from pipelines.steps.exact_dup import ExactDedup
 from pipelines.steps.language import Language
 from pipelines.steps.near_dup import NearDedup
 from textmill import config as tconfig
-from textmill.config import CleanConfig, CorpusConfig
+from textmill.config import CleanConfig, CorpusConfig, CsvConfig
 from textmill.errors import UserError
-from textmill.storage import atomic_path, write_json_atomic, write_text_atomic
+from textmill.storage import atomic_path, is_local, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
+LANGUAGE_REASONS = ("no_language", "wrong_language", "low_confidence")
 DROP_REASONS = ("malformed_row", "malformed_json", "missing_field", "empty", "too_short", "too_long", "duplicate",
                 "near_duplicate", "no_language", "wrong_language", "low_confidence")
 
@@ -47,7 +48,17 @@ def settings_for(corpus: CorpusConfig, clean: CleanConfig) -> Settings:
     return Settings(template=corpus.text, required=tuple(corpus.required), steps=tuple(corpus.steps),
                     fix_html=clean.fix_html, min_chars=corpus.min_chars, max_chars=corpus.max_chars,
                     detector=clean.detector, seed=clean.seed, near_dup=clean.near_dup.enabled,
-                    num_perm=clean.near_dup.num_perm, ngram=clean.near_dup.ngram)
+                    num_perm=clean.near_dup.num_perm, ngram=clean.near_dup.ngram,
+                    full_rejected_text=clean.rejected_text == "full")
+
+
+def read_options(corpus: CorpusConfig) -> ReadOptions:
+    """The reader's view of a corpus config. A raw record may take up to 4 x `max_chars` + 64 Ki characters while it is
+    read (markup, other fields); past that it is dropped as `too_long` without being held whole."""
+    return ReadOptions(format=corpus.format, split=corpus.split, encoding=corpus.encoding, template=corpus.text,
+                       id_field=corpus.id, required=tuple(corpus.required), csv=dict(vars(corpus.csv)),
+                       include=tuple(corpus.include), exclude=tuple(corpus.exclude),
+                       record_limit=4 * corpus.max_chars + (1 << 16))
 
 
 def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -64,7 +75,8 @@ def outcomes(records: Iterable[Record], settings: Settings, workers: int, chunk_
         for chunk in chunks:
             yield from clean_worker.process_chunk(chunk)
         return
-    with ProcessPoolExecutor(workers, initializer=clean_worker.init, initargs=(settings,)) as pool:
+    with ProcessPoolExecutor(workers, initializer=clean_worker.init,
+                             initargs=(settings, os.getpid())) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.submit(clean_worker.process_chunk, chunk))
@@ -75,24 +87,31 @@ def outcomes(records: Iterable[Record], settings: Settings, workers: int, chunk_
 
 
 def decide(stream: Iterable[Outcome], corpus: CorpusConfig, clean: CleanConfig, writer: CorpusWriter) -> Tally:
-    """The parent's half: duplicates (first occurrence in input order kept), then language; write every outcome."""
+    """The parent's half: duplicates (first occurrence in input order kept), then language; write every outcome.
+    A duplicate's rejection names the id it repeats; a language rejection carries the detector's distribution."""
     tally = Tally()
     exact = ExactDedup()
     near = NearDedup(clean.near_dup.threshold, clean.near_dup.num_perm) if clean.near_dup.enabled else None
     threshold = clean.fasttext_threshold if clean.detector == "fasttext" else clean.lang_threshold
     language = Language(corpus.lang, threshold)
+    full = clean.rejected_text == "full"
     for out in tqdm(stream, desc="clean", unit="doc", disable=None, mininterval=1.0):
         doc = out.doc
         tally.seen(doc)
-        reason, excerpt = out.reason, out.excerpt
+        reason, excerpt, original = out.reason, out.excerpt, None
         if reason is None:
-            reason = exact.keep(doc) or (near.find(doc) if near else None) or language.keep(doc)
-            excerpt = doc.text[:clean_worker.EXCERPT_CHARS]
+            if (original := exact.original(doc)) is not None:
+                reason = "duplicate"
+            elif near and (original := near.original(doc)) is not None:
+                reason = "near_duplicate"
+            else:
+                reason = language.keep(doc)
+            excerpt = doc.text if full else doc.text[:clean_worker.EXCERPT_CHARS]
             if reason is None and near:
                 near.add(doc)  # only kept documents make later ones near-duplicates
         if reason:
             tally.dropped(reason)
-            writer.reject(doc, reason, excerpt)
+            writer.reject(doc, reason, excerpt, original, doc.langs if reason in LANGUAGE_REASONS else None)
         else:
             tally.kept(doc)
             writer.doc(doc)
@@ -104,14 +123,13 @@ def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: Clea
     """Clean `files` (path, id label) as one corpus into `out_dir` (replaced atomically). Returns (report, timings)."""
     start = time.perf_counter()
     settings = settings_for(corpus, clean)
-    opts = ReadOptions(format=corpus.format, split=corpus.split, encoding=corpus.encoding, template=corpus.text,
-                       id_field=corpus.id, required=tuple(corpus.required))
+    opts = read_options(corpus)
     workers = clean.workers or len(os.sched_getaffinity(0))  # CPUs this process may use, not the host's
     bytes_in = sum(p.stat().st_size for p, _ in files)
-    with atomic_path(out_dir) as tmp:
+    with RawCorpus(files, opts) as raw, atomic_path(out_dir) as tmp:  # every input checked before any work
         writer = CorpusWriter(tmp, clean.output_format)
         try:
-            tally = decide(outcomes(iter_records(files, opts), settings, workers, clean.chunk_size), corpus, clean, writer)
+            tally = decide(outcomes(raw.records(), settings, workers, clean.chunk_size), corpus, clean, writer)
         finally:
             writer.close()
         if tally.docs_in == 0:
@@ -124,6 +142,7 @@ def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: Clea
         "docs_in": tally.docs_in, "docs_out": tally.docs_out,
         "drops": dict(sorted(tally.drops.items())), "fixes": dict(sorted(tally.fixes.items())),
         "languages": dict(sorted(tally.languages.items())),
+        "skipped_files": dict(sorted(raw.skipped.items())), "dialects": raw.dialects, "encodings": raw.encodings,
     }
     timings = {"seconds": round(seconds, 3), "workers": workers, "docs_per_s": round(tally.docs_in / seconds, 1),
                "mb_per_s": round(bytes_in / 1e6 / seconds, 3)}
@@ -133,15 +152,17 @@ def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: Clea
 
 
 def drops_csv(report: dict) -> str:
-    """`reason,count` for every known reason (zeros included), so the DVC bar plot keeps the same bars run to run."""
-    reasons = list(DROP_REASONS) + sorted(set(report["drops"]) - set(DROP_REASONS))
-    return "reason,count\n" + "".join(f"{r},{report['drops'].get(r, 0)}\n" for r in reasons)
+    """`reason,count` for the reasons that dropped something (zero-count reasons left out), in a fixed order: the DVC
+    bar plot (titled with its corpus in dvc.yaml) shows only real drops."""
+    reasons = [r for r in DROP_REASONS if r in report["drops"]] + sorted(set(report["drops"]) - set(DROP_REASONS))
+    return "reason,count\n" + "".join(f"{r},{report['drops'][r]}\n" for r in reasons if report["drops"][r])
 
 
 def run_configured(name: str, params: str, overrides: list[str]) -> dict:
     """The DVC stage: corpus `name` from params.yaml -> {paths.clean}/<name>/ and {paths.reports}/clean/<name>*."""
     cfg = tconfig.load(params, overrides)
     corpus = cfg.corpus(name)
+    _local_only(cfg.paths.raw, "paths.raw")
     root = Path(cfg.paths.raw) / name
     files = [(p, p.relative_to(root).as_posix()) for p in resolve(root, corpus.files)]
     report, timings = clean_files(files, corpus, cfg.clean, Path(cfg.paths.clean) / name, name)
@@ -152,11 +173,25 @@ def run_configured(name: str, params: str, overrides: list[str]) -> dict:
     return report
 
 
+def _local_only(uri: str, where: str) -> None:
+    """`clean` reads local files (archives in place); a remote URI gets one line saying how to bring it here."""
+    if not is_local(uri):
+        raise UserError(f"{where} {uri}: clean reads local files; copy it here first (`gsutil cp -r {uri} data/raw/"
+                        "<name>/`, `curl -LO`, or `dvc pull` for a DVC-tracked corpus) and point at the copy")
+
+
 def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
     """Files named on the command line, in the given order; a folder contributes its files (sorted, recursive)."""
     files: list[tuple[Path, str]] = []
     for raw in paths:
+        _local_only(raw, "--raw")
         path = Path(raw)
+        try:
+            path.stat()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a symlink loop (ELOOP), no permission
+            raise UserError(f"{path}: cannot open it ({e.strerror}); point --raw at the real file or folder") from None
         if path.is_dir():
             files += [(p, p.relative_to(path).as_posix()) for p in resolve(path, ["**/*"])]
         elif path.is_file():
@@ -168,6 +203,9 @@ def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
 
 def _check_out(out: Path, raws: list[str]) -> Path:
     """The output folder is replaced whole, so it must not overlap an input or hold anything but a previous clean."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a folder; the clean corpus is a folder: choose a new or "
+                        "empty folder path")
     out = out.resolve()
     for raw in raws:
         src = Path(raw).resolve()
@@ -182,14 +220,18 @@ def _check_out(out: Path, raws: list[str]) -> Path:
 
 def run_adhoc(args: argparse.Namespace) -> dict:
     cfg = tconfig.from_container(tconfig.OmegaConf.from_dotlist(list(args.overrides)))
+    dialect = CsvConfig(delimiter=args.delimiter, quotechar=args.quotechar, escapechar=args.escapechar,
+                        doublequote=args.doublequote, quoting=args.quoting, header=args.header, comment=args.comment)
     corpus = CorpusConfig(format=args.format, text=args.text, id=args.id, split=args.split, encoding=args.encoding,
                           lang=[x for v in args.lang for x in v.split(",") if x], min_chars=args.min_chars,
-                          required=list(args.required))
+                          max_chars=args.max_chars, required=list(args.required), include=list(args.include),
+                          exclude=list(args.exclude), csv=dialect)
     if args.detector:
         cfg.clean.detector = args.detector
         tconfig.validate(cfg)
+    files = _adhoc_files(args.raw)  # first: it names unreadable paths (a symlink loop) that resolving would trip on
     out = _check_out(Path(args.out), args.raw)
-    report, timings = clean_files(_adhoc_files(args.raw), corpus, cfg.clean, out, out.name)
+    report, timings = clean_files(files, corpus, cfg.clean, out, out.name)
     write_json_atomic(out / "report.json", report)
     log.info("cleaned %d -> %d docs in %.1f s", report["docs_in"], report["docs_out"], timings["seconds"])
     return report
@@ -211,8 +253,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     adhoc.add_argument("--required", action="append", default=[], help="field that must be non-blank (repeatable)")
     adhoc.add_argument("--lang", action="append", default=[], help="language(s) to keep, e.g. en or en,de (default: all)")
     adhoc.add_argument("--min-chars", type=int, default=defaults.min_chars)
+    adhoc.add_argument("--max-chars", type=int, default=defaults.max_chars)
+    adhoc.add_argument("--include", action="append", default=[], metavar="GLOB",
+                       help="keep only files / archive members matching (repeatable), e.g. '*train.csv'")
+    adhoc.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="leave out files / archive members matching (repeatable), e.g. '*sample_submission*'")
+    dialect = p.add_argument_group("CSV/TSV dialect (default: sniffed per file, recorded in report.json)")
+    dialect.add_argument("--delimiter", help="field separator, e.g. ';' or '\\t'")
+    dialect.add_argument("--quotechar")
+    dialect.add_argument("--escapechar", help="e.g. '\\' for backslash-escaped quotes")
+    dialect.add_argument("--no-doublequote", dest="doublequote", action="store_const", const=False, default=None,
+                         help='"" inside a quoted field is not a quote')
+    dialect.add_argument("--quoting", choices=["minimal", "none"], help="none: quotes are text (unquoted TSV)")
+    dialect.add_argument("--no-header", dest="header", action="store_false", help='fields are named "1", "2", ...')
+    dialect.add_argument("--comment", help="skip lines starting with this prefix, e.g. '#'")
     adhoc.add_argument("--detector", choices=["langdetect", "fasttext"])
     args = p.parse_args(argv)
+    for name in ("delimiter", "quotechar", "escapechar"):  # '\t' typed in a shell
+        if getattr(args, name) in ("\\t", "tab"):
+            setattr(args, name, "\t")
     if "\\" in args.text:  # "\n" typed in a shell; latin-1 + backslashreplace keeps é, ’ and Cyrillic intact
         args.text = codecs.decode(args.text.encode("latin-1", "backslashreplace"), "unicode_escape")
     if bool(args.corpus) == bool(args.raw):

@@ -8,8 +8,10 @@ from typing import Iterator
 
 from textmill.errors import UserError
 
-DOC_FIELDS = ("id", "text", "lang", "lang_prob", "source", "fixes")
-REJECTED_FIELDS = ("id", "source", "reason", "excerpt")
+DOC_FIELDS = ("id", "text", "lang", "lang_prob", "source", "fixes", "langs")
+# duplicate_of: the id a `duplicate`/`near_duplicate` repeats (else null); langs: the language distribution where the
+# language step decided (else {}); excerpt: the first 200 characters, or the whole text with clean.rejected_text=full
+REJECTED_FIELDS = ("id", "source", "reason", "excerpt", "duplicate_of", "langs")
 
 
 def docs_path(folder: str | Path) -> Path:
@@ -32,4 +34,6 @@ def iter_docs(folder: str | Path) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+        for row in batch.to_pylist():
+            row["langs"] = dict(row.get("langs") or [])  # a Parquet map column reads back as (key, value) pairs
+            yield row

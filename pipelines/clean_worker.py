@@ -4,7 +4,13 @@ language detection and dedup signatures. Deciding duplicates needs every earlier
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import string
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,12 +19,13 @@ from pipelines.steps import CORPUS_STEPS, REPAIRS
 from pipelines.steps.base import Doc
 from pipelines.steps.empty import Empty
 from pipelines.steps.exact_dup import signature
-from pipelines.steps.language import detect_many, make_detector
+from pipelines.steps.language import distributions, make_detector
 from pipelines.steps.length import Length
 from pipelines.steps.near_dup import Shingler
 from pipelines.steps.whitespace import Whitespace
 
 EXCERPT_CHARS = 200
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Settings:
     near_dup: bool = True
     num_perm: int = 128
     ngram: int = 5
+    full_rejected_text: bool = False  # rejected.jsonl keeps the whole text, not the first EXCERPT_CHARS
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Worker:
 
     def repair(self, rec: Record) -> Doc:
         """Repaired fields (`doc.fields`) and the rendered, tidied text of one parsed record."""
-        doc = Doc(rec.id, rec.source, {name: rec.fields.get(name) for name in self.fields})
+        doc = Doc(rec.id, rec.source, {name: rec.fields.get(name) for name in self.fields}, fixes=list(rec.fixes))
         for fixer in self.repairs:
             fixer.apply_fields(doc, self.fields)
         doc.text = self.render(doc)
@@ -88,14 +96,15 @@ class Worker:
         for f in self.filters:
             reason = f.keep(doc)
             if reason:
-                return Outcome(doc, reason, doc.text[:EXCERPT_CHARS])
+                return Outcome(doc, reason, doc.text if self.settings.full_rejected_text else doc.text[:EXCERPT_CHARS])
         doc.fields = {}  # not needed past this point; keeps what travels back to the parent small
         return Outcome(doc)
 
     def finish(self, docs: list[Doc]) -> None:
         """Language (the whole chunk in one detector call where it takes lists) and dedup signatures of the survivors."""
-        for doc, (lang, prob) in zip(docs, detect_many(self.detector, [d.text for d in docs])):
-            doc.lang, doc.lang_prob = lang, prob
+        for doc, dist in zip(docs, distributions(self.detector, [d.text for d in docs])):
+            doc.langs = dist
+            doc.lang, doc.lang_prob = next(iter(dist.items()), ("", 0.0))
             doc.signature = signature(doc.text)
             if self.shingler is not None:
                 doc.minhash = self.shingler.signature(doc.text)
@@ -109,10 +118,34 @@ class Worker:
 _worker: Optional[Worker] = None
 
 
-def init(settings: Settings) -> None:
-    """Pool initializer: build the steps and load the language model once per process."""
+def init(settings: Settings, parent: Optional[int] = None) -> None:
+    """Pool initializer: exit with the parent (`parent` = its pid), build the steps, load the language model once."""
     global _worker
+    if parent is not None:
+        die_with_parent(parent)
     _worker = Worker(settings)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this worker end when the parent process dies, even by SIGKILL (which runs no cleanup in the parent).
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGKILL) through ctypes; the kernel signals us when the parent exits. Elsewhere (and in
+    case the parent died before the call) a daemon thread polls the parent pid once a second."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent is already gone: we were re-parented before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def process_chunk(records: list[Record]) -> list[Outcome]:

@@ -31,7 +31,7 @@ class CorpusWriter:
         self._parquet = None
 
     def doc(self, doc: Doc) -> None:
-        row = dict(zip(DOC_FIELDS, (doc.id, doc.text, doc.lang, doc.lang_prob, doc.source, list(doc.fixes))))
+        row = dict(zip(DOC_FIELDS, (doc.id, doc.text, doc.lang, doc.lang_prob, doc.source, list(doc.fixes), doc.langs)))
         if self.docs is not None:
             self.docs.write(_line(row))
             return
@@ -39,18 +39,22 @@ class CorpusWriter:
         if len(self._rows) >= PARQUET_ROW_GROUP:
             self._flush_parquet()
 
-    def reject(self, doc: Doc, reason: str, excerpt: str) -> None:
-        self.rejected.write(_line(dict(zip(REJECTED_FIELDS, (doc.id, doc.source, reason, excerpt)))))
+    def reject(self, doc: Doc, reason: str, excerpt: str, duplicate_of: str | None = None,
+               langs: dict[str, float] | None = None) -> None:
+        values = (doc.id, doc.source, reason, excerpt, duplicate_of, langs or {})
+        self.rejected.write(_line(dict(zip(REJECTED_FIELDS, values))))
 
     def _flush_parquet(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("lang", pa.string()), ("lang_prob", pa.float64()),
-                            ("source", pa.string()), ("fixes", pa.list_(pa.string()))])
+                            ("source", pa.string()), ("fixes", pa.list_(pa.string())),
+                            ("langs", pa.map_(pa.string(), pa.float64()))])
         if self._parquet is None:
             self._parquet = pq.ParquetWriter(self.folder / "docs.parquet", schema, compression="zstd")
-        self._parquet.write_table(pa.Table.from_pylist(self._rows, schema=schema))
+        rows = [{**r, "langs": list(r["langs"].items())} for r in self._rows]
+        self._parquet.write_table(pa.Table.from_pylist(rows, schema=schema))
         self._rows = []
 
     def close(self) -> None:

@@ -138,19 +138,28 @@ def test_empty_and_short_are_the_manifest_rows(abstracts):
             assert DAMAGE[r["id"]]["damage"] == ["very_short_abstract"]
 
 
+def _check_labels(docs: list[dict], threshold: float) -> None:
+    """Documents whose top language passed the threshold are labelled right; the few kept only because the probability
+    mass on the corpus' six allowed languages passed it (issue 10: bilingual documents) list the true language in their
+    distribution (at most the 9 / 11 that were `low_confidence` before that rule)."""
+    confident = [d for d in docs if d["lang_prob"] >= threshold]
+    assert [d["id"] for d in confident if d["lang"] != TRUTH[d["id"]]] == []
+    mixed = [d for d in docs if d["lang_prob"] < threshold]
+    assert len(mixed) <= 11 and all(TRUTH[d["id"]] in d["langs"] and sum(d["langs"].values()) >= threshold for d in mixed)
+
+
 def test_language_agreement_langdetect(abstracts):
     _, report, docs, _ = abstracts
-    wrong = [d["id"] for d in docs if d["lang"] != TRUTH[d["id"]]]
-    assert wrong == []
+    _check_labels(docs, 0.8)
     assert len(docs) / 4159 >= 0.995   # agreement: kept with the right language over all that reached the filter
-    assert report["languages"] == dict(sorted(Counter(TRUTH[d["id"]] for d in docs).items()))
+    assert report["languages"] == dict(sorted(Counter(d["lang"] for d in docs).items()))
     assert list(docs[0]) == list(DOC_FIELDS)
 
 
 def test_language_agreement_fasttext(tmp_path):
     report = run(tmp_path, "abstracts", detector="fasttext", workers=2)
     docs = list(iter_docs(tmp_path / "clean/abstracts"))
-    assert [d["id"] for d in docs if d["lang"] != TRUTH[d["id"]]] == []
+    _check_labels(docs, 0.5)
     assert len(docs) / 4159 >= 0.99
     assert report["drops"]["duplicate"] == 86 and report["fixes"]["mojibake"] == 210
 
@@ -198,7 +207,7 @@ def test_adhoc_cli_dedups_across_files_first_kept(tmp_path):
                            "--text", "{body}", "--id", "id", "--lang", "en", "--set", "clean.workers=1"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2, proc.stderr   # b.txt has no {body}: a template mistake, named
-    assert "b.txt:1: record has no field(s) ['body', 'id']" in proc.stderr
+    assert "b.txt:1: record has no field(s) ['body']" in proc.stderr  # `--id` does not apply to text files
     (tmp_path / "b.txt").rename(tmp_path / "b.csv")
     (tmp_path / "b.csv").write_text(f'id,body\ny1,"{para.upper()}"\ny2,"Third, unique paragraph of English text for the ad hoc run."\n',
                                     encoding="utf-8")

@@ -37,10 +37,25 @@ class PathsConfig:
 
 
 @dataclass
+class CsvConfig:
+    """CSV/TSV dialect of a corpus; None = sniffed per file from its head (what was used goes into the clean report)."""
+
+    delimiter: Optional[str] = None    # "," for .csv, "\t" for .tsv unless the sniffer finds ";" or "|" fit better
+    quotechar: Optional[str] = None    # default '"'
+    escapechar: Optional[str] = None   # "\\" for backslash-escaped quotes (\"); sniffed when the head has \"
+    doublequote: Optional[bool] = None  # "" inside a quoted field is one quote (default true)
+    quoting: Optional[str] = None      # minimal (quotes delimit fields) | none (quotes are text: unquoted TSV)
+    header: bool = True                # false: fields are named by column number "1", "2", ...
+    comment: Optional[str] = None      # lines starting with this prefix are skipped, e.g. "#"
+
+
+@dataclass
 class CorpusConfig:
     """One raw corpus under `paths.raw/<name>/` (configs/corpus/<name>.yaml)."""
 
-    files: list[str] = field(default_factory=lambda: ["**/*"])  # globs relative to data/raw/<name>/; zips read in place
+    files: list[str] = field(default_factory=lambda: ["**/*"])  # globs relative to data/raw/<name>/; archives read in place
+    include: list[str] = field(default_factory=list)   # globs over files and archive members (a.zip:train.csv); [] = all
+    exclude: list[str] = field(default_factory=list)   # globs left out, e.g. ["*sample_submission*", "*.md"]
     format: str = "auto"           # auto (by extension) | csv | tsv | json | jsonl | txt | parquet
     text: str = "{text}"           # template over record fields, e.g. "{title}\n\n{abstract}"; txt records have {text}
     id: Optional[str] = None       # id field; None -> stable id from file path + row number
@@ -51,6 +66,7 @@ class CorpusConfig:
     min_chars: int = 40
     max_chars: int = 200_000
     steps: list[str] = field(default_factory=list)     # optional per-corpus steps, e.g. [dedent], [strip_page_headers]
+    csv: CsvConfig = field(default_factory=CsvConfig)  # CSV/TSV dialect (sniffed where unset)
 
 
 @dataclass
@@ -74,6 +90,7 @@ class CleanConfig:
     output_format: str = "jsonl"   # jsonl | parquet
     workers: int = 0               # 0 = all cores
     chunk_size: int = 256          # documents per work unit sent to a worker
+    rejected_text: str = "excerpt"  # rejected.jsonl keeps an excerpt (first 200 characters) | full (the whole text)
 
 
 @dataclass
@@ -219,6 +236,7 @@ def validate(cfg: Config) -> Config:
     choices = {
         "clean.detector": (cfg.clean.detector, {"langdetect", "fasttext"}),
         "clean.output_format": (cfg.clean.output_format, {"jsonl", "parquet"}),
+        "clean.rejected_text": (cfg.clean.rejected_text, {"excerpt", "full"}),
         "base.init": (cfg.base.init, {"scratch", "fetch"}),
         "prepare.eot_in_text": (cfg.prepare.eot_in_text, {"split", "strip", "reject"}),
         "training.backend": (cfg.training.backend, {"tf", "pt"}),

@@ -1,70 +1,100 @@
 """Record readers, one per raw format, each streaming: they yield (row, fields) or (row, Malformed) one record at a time.
 
 `row` is the 1-based record number in the file (for JSON Lines, the line number), used for stable ids and messages.
+Text formats read from `encoding.Lines` (decoded line by line, each line bounded), so no record is held past the record
+limit: a longer one becomes a `too_long` rejection while it is read.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
-import sys
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
+from pipelines.readers.dialect import Dialect
+from pipelines.readers.encoding import Overlong
 from textmill.errors import UserError
 
 JSON_BLOCK = 1 << 16
+NO_LIMIT = 1 << 62
+EXCERPT = 200
 
 
 @dataclass
 class Malformed:
-    """A record that could not be parsed: recorded as a rejection, the rest of the file still read."""
+    """A record that could not be parsed (or was too long to hold): a rejection, the rest of the file still read."""
 
     reason: str
     excerpt: str
 
 
-def _raise_csv_limit() -> None:
-    """Fields of many MB (whole books in one cell) are legal CSV; the stdlib's 128 KiB default is not a real limit."""
-    limit = sys.maxsize
-    while True:
+def read_csv(lines: Iterable[str], label: str, dialect: Dialect = Dialect(),
+             limit: int = 1 << 31) -> Iterator[tuple[int, dict | Malformed]]:
+    """Rows as dicts keyed by the header (or by column number "1", "2", ... when `dialect.header` is off)."""
+    csv.field_size_limit(max(limit, 1024))  # a longer field is a csv.Error, turned into `too_long` below
+    lines = _Watch(lines)
+    reader = dialect.reader(lines)
+    header = None
+    if dialect.header:
         try:
-            csv.field_size_limit(limit)
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
             return
-        except OverflowError:
-            limit //= 2
-
-
-def read_csv(text: IO[str], label: str, delimiter: str) -> Iterator[tuple[int, dict | Malformed]]:
-    _raise_csv_limit()
-    reader = csv.reader(text, delimiter=delimiter, strict=True)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as e:
-        raise UserError(f"{label}:1: cannot parse the CSV header ({e}); fix the file or set the corpus `format:`") from None
-    header = [h.strip() for h in header]
+        except csv.Error as e:
+            raise UserError(f"{label}:1: cannot parse the CSV header ({e}); fix the file or set the corpus `csv:` "
+                            "dialect (delimiter, quotechar, escapechar, quoting)") from None
     row = 0
     while True:
-        row += 1
         try:
             values = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            yield row, Malformed("malformed_row", f"line {reader.line_num}: {e}")
+            row += 1
+            reason = "too_long" if "field larger than field limit" in str(e) else "malformed_row"
+            yield row, Malformed(reason, f"line {reader.line_num}: {e}")
             continue
-        if len(values) != len(header):
+        if lines.overlong():
+            row += 1
+            yield row, Malformed("too_long", f"line {reader.line_num}: a line longer than {limit} characters")
+            continue
+        if not values:
+            continue  # a blank line
+        row += 1
+        if header is None:
+            yield row, {str(i): v for i, v in enumerate(values, 1)}
+        elif len(values) != len(header):
             yield row, Malformed("malformed_row", f"line {reader.line_num}: {len(values)} fields, header has {len(header)}")
-            continue
-        yield row, dict(zip(header, values))
+        else:
+            yield row, dict(zip(header, values))
 
 
-def read_jsonl(text: IO[str], label: str) -> Iterator[tuple[int, dict | Malformed]]:
+class _Watch:
+    """Lines passed through, noting whether an over-long one went by since the last `overlong()` call."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._it, self._seen = iter(lines), False
+
+    def __iter__(self) -> "_Watch":
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._it)
+        self._seen |= isinstance(line, Overlong)
+        return line
+
+    def overlong(self) -> bool:
+        seen, self._seen = self._seen, False
+        return seen
+
+
+def read_jsonl(lines: Iterable[str], label: str) -> Iterator[tuple[int, dict | Malformed]]:
     parsed_any = False
-    for line_no, line in enumerate(text, 1):
+    for line_no, line in enumerate(lines, 1):
+        if isinstance(line, Overlong):
+            yield line_no, Malformed("too_long", f"line {line_no}: longer than the record limit")
+            continue
         if not line.strip():
             continue
         try:
@@ -79,10 +109,25 @@ def read_jsonl(text: IO[str], label: str) -> Iterator[tuple[int, dict | Malforme
         yield line_no, obj if isinstance(obj, dict) else Malformed("malformed_json", f"line {line_no}: not a JSON object")
 
 
-def read_json_array(text: IO[str], label: str) -> Iterator[tuple[int, dict | Malformed]]:
+def _read(lines: Iterator[str], n: int) -> str:
+    """At least `n` characters (whole lines), or what is left."""
+    parts, size = [], 0
+    for line in lines:
+        if isinstance(line, Overlong):
+            raise UserError("a JSON array line is longer than the record limit; raise the corpus `max_chars` or "
+                            "convert the file to JSON Lines")
+        parts.append(line)
+        size += len(line)
+        if size >= n:
+            break
+    return "".join(parts)
+
+
+def read_json_array(lines: Iterable[str], label: str, limit: int = NO_LIMIT) -> Iterator[tuple[int, dict | Malformed]]:
     """A top-level JSON array, decoded element by element from a sliding buffer (the array is never held whole)."""
+    it = iter(lines)
     decoder = json.JSONDecoder()
-    buf, pos, eof, row, block = text.read(JSON_BLOCK).lstrip(), 1, False, 0, JSON_BLOCK
+    buf, pos, eof, row, block = _read(it, JSON_BLOCK).lstrip(), 1, False, 0, JSON_BLOCK
     if not buf.startswith("["):
         raise UserError(f"{label}: expected a JSON array starting with '['")
     while True:
@@ -96,8 +141,11 @@ def read_json_array(text: IO[str], label: str) -> Iterator[tuple[int, dict | Mal
             if eof:
                 raise UserError(f"{label}: malformed JSON array near element {row + 1} ({e.msg}); "
                                 "fix the file or convert it to JSON Lines") from None
+            if len(buf) - pos > limit:
+                raise UserError(f"{label}: JSON array element {row + 1} is longer than the record limit ({limit} "
+                                "characters); raise the corpus `max_chars` or convert the file to JSON Lines") from None
             # An incomplete element: read more, doubling the block so a huge element is re-parsed O(log n) times.
-            more = text.read(block)
+            more = _read(it, block)
             block *= 2
             eof = not more
             buf, pos = buf[pos:] + more, 0
@@ -106,23 +154,38 @@ def read_json_array(text: IO[str], label: str) -> Iterator[tuple[int, dict | Mal
         yield row, obj if isinstance(obj, dict) else Malformed("malformed_json", f"element {row}: not a JSON object")
 
 
-def read_txt(text: IO[str], split: str) -> Iterator[tuple[int, dict]]:
-    """`file`: the whole file is one record; `paragraph`: blank-line separated; anything else: that separator line."""
-    if split == "file":
-        yield 1, {"text": text.read()}
-        return
-    row, lines = 0, []
-    for line in text:
-        boundary = not line.strip() if split == "paragraph" else line.strip() == split
+def read_txt(lines: Iterable[str], split: str, limit: int = NO_LIMIT) -> Iterator[tuple[int, dict | Malformed]]:
+    """`file`: the whole file is one record; `paragraph`: blank-line separated; anything else: that separator line.
+
+    A record past `limit` characters stops being collected there and becomes a `too_long` rejection. A file or section
+    with nothing but whitespace is no record (so an empty corpus fails like an empty CSV)."""
+    row, parts, size, over = 0, [], 0, False
+
+    def flush():
+        text = "".join(parts)
+        if over:
+            return Malformed("too_long", f"more than {limit} characters: {text[:EXCERPT]!r}")
+        return {"text": text} if text.strip() else None
+
+    for line in lines:
+        if isinstance(line, Overlong):
+            over = True
+            continue
+        boundary = split != "file" and (not line.strip() if split == "paragraph" else line.strip() == split)
         if boundary:
-            if "".join(lines).strip():
+            if (rec := flush()) is not None:
                 row += 1
-                yield row, {"text": "".join(lines)}
-            lines = []
-        else:
-            lines.append(line)
-    if "".join(lines).strip():
-        yield row + 1, {"text": "".join(lines)}
+                yield row, rec
+            parts, size, over = [], 0, False
+        elif not over:
+            size += len(line)
+            if size > limit:
+                over = True
+                parts = parts[:1] if parts else [line[:EXCERPT]]
+            else:
+                parts.append(line)
+    if (rec := flush()) is not None:
+        yield row + 1, rec
 
 
 def read_parquet(raw: IO[bytes], label: str, columns: list[str] | None) -> Iterator[tuple[int, dict]]:
@@ -141,8 +204,3 @@ def read_parquet(raw: IO[bytes], label: str, columns: list[str] | None) -> Itera
         for rec in batch.to_pylist():
             row += 1
             yield row, rec
-
-
-def text_stream(raw: IO[bytes], codec: str) -> IO[str]:
-    # newline="": keep \r\n and lone \r as they are, so the newlines step sees (and counts) them.
-    return io.TextIOWrapper(raw, encoding=codec, newline="")

