@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from uvicorn.protocols.utils import ClientDisconnected
 
-from serving import protocol
+from serving import liveness, protocol
 from serving.batcher import ModelWorker, Retired
 from serving.engine import Engine, QueueFull, UnknownModel
 from serving.generation import Event, Generation
@@ -376,7 +376,12 @@ async def websocket_generate(state: ServingState, ws: WebSocket, model: str, raw
 def _health_routes(app: FastAPI, state: ServingState) -> None:
     @app.get("/live")
     async def live():
-        return {"status": "ok"}
+        try:
+            report = await asyncio.wait_for(asyncio.to_thread(liveness.check, state.engine, state.metrics),
+                                            liveness.DEVICE_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return JSONResponse({"status": "dead", "error": "device check hung"}, status_code=503)
+        return JSONResponse(report.body(), status_code=200 if report.alive else 503)
 
     @app.get("/ready")
     async def ready():
@@ -401,6 +406,7 @@ def _health_routes(app: FastAPI, state: ServingState) -> None:
 
     @app.get("/metrics")
     async def metrics():
+        await asyncio.to_thread(liveness.check, state.engine, state.metrics)  # refreshes textmill_worker_alive
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

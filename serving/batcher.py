@@ -78,6 +78,10 @@ class ModelWorker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def is_alive(self) -> bool:
+        """Whether the batching thread is running: False before start() and once it died or stopped."""
+        return self._thread is not None and self._thread.is_alive()
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
