@@ -110,6 +110,9 @@ def validate(cfg: ServingConfig) -> ServingConfig:
 
     if not 0 <= cfg.default_seed <= MAX_SEED:
         raise UserError(f"serving.default_seed={cfg.default_seed} must be in [0, {MAX_SEED}]")
+    from serving.result_cache import check_url
+
+    check_url(cfg.cache_url)
     if not cfg.root:
         raise UserError("no registry root: pass --root URI, set TEXTMILL_ROOT, or serving.root in params.yaml")
     return cfg
