@@ -161,7 +161,7 @@ def test_dockerfile_runs_as_non_root_and_copies_what_exists(name):
     users = [a.strip() for i, a in steps if i == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must end on a non-root USER"
     run_text = " ".join(a for i, a in steps if i == "RUN")
-    assert f"useradd --system --uid 10001" in run_text
+    assert "useradd --system --uid 10001" in run_text
     for instruction, args in steps:
         if instruction == "COPY":
             *sources, _ = args.split()

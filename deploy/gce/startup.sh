@@ -46,7 +46,7 @@ while [[ $# -gt 0 ]]; do
     --prefix) PREFIX=${2:?--prefix needs a folder}; shift ;;
     --unit-dir) UNIT_DIR=${2:?--unit-dir needs a folder}; shift ;;
     --env-file) ENV_FILE=${2:?--env-file needs a path}; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^# --unit-dir/p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
