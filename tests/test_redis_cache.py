@@ -88,6 +88,7 @@ def test_results_expire_with_cache_ttl(tiny_export, redis_server):  # noqa: F811
     node, _ = make_node(tiny_export, redis_server.url, ttl=42.0)
     try:
         gen = generate(node, "Once upon a time", seed=3)
+        wait_shared(redis_server.url, gen)
         client = redis.Redis.from_url(redis_server.url)
         key = result_cache.redis_key(gen.key)
         assert 0 < client.pttl(key) <= 42_000
