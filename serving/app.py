@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from serving import chat, playground, protocol
+from serving import chat, liveness, playground, protocol
 from serving.engine import Engine, QueueFull, Retired, UnknownModel
 from serving.engines.base import ModelEngine
 from serving.generation import Event, Generation
@@ -629,7 +629,12 @@ def _health_routes(app: FastAPI, state: ServingState, auth) -> None:
     registry URI, cache folders and checksums, so it needs a key when keys are set."""
     @app.get("/live")
     async def live():
-        return {"status": "ok"}
+        try:
+            report = await asyncio.wait_for(asyncio.to_thread(liveness.check, state.engine, state.metrics),
+                                            liveness.DEVICE_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return JSONResponse({"status": "dead", "error": "device check hung"}, status_code=503)
+        return JSONResponse(report.body(), status_code=200 if report.alive else 503)
 
     @app.get("/ready")
     async def ready():
@@ -654,6 +659,7 @@ def _health_routes(app: FastAPI, state: ServingState, auth) -> None:
 
     @app.get("/metrics")
     async def metrics():
+        await asyncio.to_thread(liveness.check, state.engine, state.metrics)  # refreshes textmill_worker_alive
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Hashable
 import torch
 from cachetools import TTLCache
 
+from serving import result_cache
 from serving.engines import engine_class
 from serving.engines.base import EngineHealth, EngineSpec, LoadError, ModelEngine, QueueFull, Retired
 from serving.generation import Generation
@@ -40,6 +41,7 @@ class EngineOptions:
     cache_ttl: float = 300.0
     cpu_threads: int = 0
     engine: str = "batching"      # a key of serving.engines.ENGINES
+    cache_url: str = ""          # '' = node-local LRU; redis://... = shared by the fleet
 
 
 def configure_cpu_threads(requested: int) -> int:
@@ -89,7 +91,7 @@ class Engine:
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()
         self._inflight: dict[Hashable, Generation] = {}
-        self._done: TTLCache = TTLCache(maxsize=max(1, opts.cache_size), ttl=opts.cache_ttl)
+        self._done = result_cache.from_url(opts.cache_url, opts.cache_size, opts.cache_ttl)
 
     def worker(self, model: str) -> ModelEngine:
         """The live engine of `model`; UnknownModel when none is loaded."""
@@ -149,31 +151,54 @@ class Engine:
 
     # requests
     def submit(self, engine: ModelEngine, prompt: str, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        """The Generation for this exact sequence on `engine`'s version: a finished one from the cache, an identical
-        in-flight one, or a new one queued on the engine (QueueFull when its queue is full, Retired after a swap)."""
+        """The Generation for this exact sequence on `engine`'s version: a finished one from the cache (this node's, then
+        the fleet's when `cache_url` is set), an identical in-flight one, or a new one queued on the engine (QueueFull
+        when its queue is full, Retired after a swap)."""
         model = engine.name
         key = (model, engine.version, tuple(prompt_ids), params)
         with self._lock:
-            gen = self._done.get(key)
-            kind = "cache"
-            if gen is None:
-                gen, kind = self._inflight.get(key), "inflight"
-            if gen is not None and not gen.cancelled:
-                if self.metrics is not None:
-                    self.metrics.dedup.labels(model, kind).inc()
+            gen = self._reuse(key)
+        if gen is not None:
+            return gen
+
+        # network I/O, outside the lock; a result from the fleet arrives finished, so it needs no engine callbacks
+        shared = self._done.fetch(key, lambda: Generation(key, model, engine.version, prompt, prompt_ids, params,
+                                                          engine.tokenizer))
+        with self._lock:
+            gen = self._reuse(key)
+            if gen is not None:
                 return gen
+            if shared is not None:
+                self._done.remember(shared)
+                self._count(model, "shared")
+                return shared
             gen = Generation(key, model, engine.version, prompt, prompt_ids, params, engine.tokenizer,
                              on_abandon=self._abandon, on_finish=self._finished)
             engine.submit(gen)  # raises QueueFull before the generation is registered
             self._inflight[key] = gen
         return gen
 
+    def _reuse(self, key: Hashable) -> Generation | None:
+        """A finished (local cache) or in-flight generation for `key`; call under self._lock."""
+        for kind, gen in (("cache", self._done.get(key)), ("inflight", self._inflight.get(key))):
+            if gen is not None and not gen.cancelled:
+                self._count(key[0], kind)
+                return gen
+        return None
+
+    def _count(self, model: str, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dedup.labels(model, kind).inc()
+
     def _finished(self, gen: Generation) -> None:
         with self._lock:
             if self._inflight.get(gen.key) is gen:
                 del self._inflight[gen.key]
-            if gen.error is None and gen.finish_reason in ("stop", "length"):
-                self._done[gen.key] = gen
+            complete = gen.error is None and gen.finish_reason in ("stop", "length")
+            if complete:
+                self._done.remember(gen)
+        if complete:
+            self._done.share(gen)   # may write to redis: outside the lock
 
     def _abandon(self, gen: Generation) -> None:
         with self._lock:

@@ -66,6 +66,8 @@ class Metrics:
                              ["model", "kind"], registry=r)
         self.cancelled = Counter("textmill_cancelled", "generations cancelled because every client left", ["model"],
                                  registry=r)
+        self.worker_alive = Gauge("textmill_worker_alive", "1 while the live version's batching thread runs (0: /live fails)",
+                                  ["model"], registry=r)
         self.oom_total = Counter("textmill_out_of_memory", "batches that ran out of memory", ["model"], registry=r)
         self.internal_errors = Counter("textmill_internal_errors", "unexpected exceptions answered with a 500 "
                                        "(traceback logged with the request id)", ["endpoint"], registry=r)

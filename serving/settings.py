@@ -123,6 +123,9 @@ def validate(cfg: ServingConfig) -> ServingConfig:
         raise UserError(f"serving.default_seed={cfg.default_seed} must be in [0, {MAX_SEED}]")
     _validate_api_keys(cfg.api_keys)
     _validate_limits(cfg)
+    from serving.result_cache import check_url
+
+    check_url(cfg.cache_url)
     if not cfg.root:
         raise UserError("no registry root: pass --root URI, set TEXTMILL_ROOT, or serving.root in params.yaml")
     return cfg

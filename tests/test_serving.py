@@ -88,7 +88,8 @@ def test_models_info_live_ready(server):
     assert {f["path"] for f in tiny["files"]} >= {"model.safetensors", "config.json"}
     assert all(len(f["sha256"]) == 64 for f in tiny["files"])
     assert info["limits"]["max_queue"] == MAX_QUEUE
-    assert httpx.get(server.url + "/live").json() == {"status": "ok"}
+    live = httpx.get(server.url + "/live").json()
+    assert live["status"] == "ok" and live["models"][MODEL]["worker_alive"] and live["devices"] == {"cpu": "ok"}
     ready = httpx.get(server.url + "/ready").json()
     assert ready["ready"] and ready["models"][MODEL]["forward_ok"]
 

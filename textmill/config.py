@@ -190,6 +190,7 @@ class ServingConfig:
     default_seed: int = 42
     cache_size: int = 256
     cache_ttl: float = 300.0
+    cache_url: str = ""            # '' = node-local dedup cache; redis://host:6379/0 = shared by every node of the fleet
     drain_timeout: float = 30.0
     api_keys: list[str] = field(default_factory=list)
     cpu_threads: int = 0           # torch intra-op threads on CPU; 0 = all cores but one (left for the HTTP event loop)
