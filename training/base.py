@@ -8,7 +8,6 @@ trainer read it the same way whichever way it was made. It is assembled in a tem
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ from pipelines.clean_io import iter_docs
 from textmill import config as config_mod
 from textmill import sizes, storage, tokenizer, weights
 from textmill.errors import UserError
+from training import openai_layout
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +28,8 @@ CKPT_FILES = (f"{CKPT}.index", f"{CKPT}.data-00000-of-00001")
 FILES = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe", *CKPT_FILES)
 
 
-def write_hparams(hp: sizes.Hparams, folder: Path) -> None:
-    # OpenAI's key order (n_vocab, n_ctx, n_embd, n_head, n_layer), as their release and gpt-2-simple write it.
-    (folder / "hparams.json").write_text(json.dumps(hp.to_json(), indent=2) + "\n", encoding="utf-8")
-
-
-def read_hparams(path: Path) -> sizes.Hparams:
-    try:
-        return sizes.Hparams.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: bad GPT-2 hparams ({e}); expected n_vocab, n_ctx, n_embd, n_head, n_layer") from None
+write_hparams = openai_layout.write_hparams
+read_hparams = openai_layout.read_hparams
 
 
 def corpus_texts(cfg: config_mod.Config, model: str) -> Iterator[str]:
@@ -81,13 +71,13 @@ def _download(fs, remote: str, local: Path, uri: str) -> None:
 
 def _source_prefix(fs, root: str, uri: str, folder: Path) -> str:
     """Name of the checkpoint to fetch: from the source's `checkpoint` file (OpenAI: model.ckpt; gpt-2-simple: model-N)."""
-    from training.tf import checkpoint
-
     if not fs.exists(storage.join(root, "checkpoint")):
         return CKPT  # a bare release copy without its state file: OpenAI's name
     _download(fs, storage.join(root, "checkpoint"), folder / "checkpoint", uri)
-    latest, _ = checkpoint.read_checkpoint_file(folder)
-    return Path(latest).name  # an absolute path written on another machine means nothing here; the file sits beside it
+    latest, _ = openai_layout.read_state(folder)
+    # A path written on another machine (Colab's /content/drive/..., Windows' C:\\...) means nothing here: the
+    # checkpoint sits beside its state file.
+    return openai_layout.recorded_name(latest)
 
 
 def fetch(cfg: config_mod.Config, uri: str, folder: Path) -> sizes.Hparams:
