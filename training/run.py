@@ -38,7 +38,7 @@ SAMPLES_FILE = "samples.txt"
 SAMPLE_HEADER = "======== step {step} ========"
 # Settings that change what is observed or kept, not the optimisation trajectory: changing them keeps a run resumable.
 OBSERVATIONAL = {"log_interval", "sample_interval", "sample_length", "checkpoint_interval", "max_to_keep",
-                 "eval_interval", "early_stopping_patience", "distribute", "compile", "memory_gb"}
+                 "eval_interval", "early_stopping_patience", "distribute", "compile"}
 HF_WEIGHTS = "model.safetensors"
 HF_TOKENIZER = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}  # OpenAI file -> same content in HF layout
 
