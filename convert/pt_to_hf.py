@@ -3,7 +3,7 @@ config, textmill.json. No TensorFlow.
 
 A torch run folder holds `model-<step>.safetensors` (GPT2LMHeadModel keys, the tied lm_head stored once), `model-<step>.pt`
 (optimizer state, not exported), `hparams.json`, `encoder.json`, `vocab.bpe` and `textmill_state.json` (`"backend": "pt"`).
-LoRA runs store the adapted model; the adapters are merged into the weights here (`training.pt.lora.merged_state`).
+LoRA runs store the wrapped model; the adapters are merged into the weights here (`training.pt.lora.merged_state`).
 `--verify` loads the written folder with `from_pretrained` and compares its logits and greedy text with the run's
 checkpoint loaded into the trainer's own model, and checks the tokenizer as for TF sources.
 """
@@ -63,15 +63,16 @@ def resolve(path: Path, step: str | None) -> Source:
     return Source(path=path, layout="textmill-pt", prefix=prefix, step=chosen, meta_dir=folder, state=state)
 
 
-def checkpoint_weights(src: Source) -> dict[str, torch.Tensor]:
+def checkpoint_weights(src: Source, hp, eot: int) -> dict[str, torch.Tensor]:
     """The run's weights at the chosen step, LoRA adapters merged, HF keys without the tied lm_head."""
     from safetensors.torch import load_file
 
-    weights = load_file(f"{src.prefix}{WEIGHTS_SUFFIX}")
+    path = Path(f"{src.prefix}{WEIGHTS_SUFFIX}")
+    weights = load_file(str(path))
     if any(".lora_" in k for k in weights):
         from training.pt.lora import merged_state
 
-        weights = merged_state(weights, src.state)
+        weights = merged_state(path, hp, eot)
     return weights
 
 
@@ -118,7 +119,7 @@ def convert(src: Source, dst: Path, *, dtype: str = "float32", verify: bool = Fa
     hp = src.hparams()
     tok = tf_to_hf.load_tokenizer(src, hp)
     eot = textmill_tok.eot_id(tok)
-    weights = checkpoint_weights(src)
+    weights = checkpoint_weights(src, hp, eot)
     with atomic_path(dst) as tmp:
         tmp.mkdir()
         tf_to_hf.write_configs(hp, eot, tmp, dtype)

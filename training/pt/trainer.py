@@ -225,7 +225,9 @@ class Trainer:
                                 f"--restart")
         if self.lora is not None:
             self._finish_setup()  # LoRA checkpoints hold the wrapped model's keys
-            self.model.load_state_dict(load_file(str(weights)), strict=False)
+            missing = self.model.load_state_dict(load_file(str(weights)), strict=False).missing_keys
+            if [k for k in missing if not k.endswith("lm_head.weight")]:
+                raise UserError(f"{weights}: lacks {missing[:3]}; delete the run folder or pass --restart")
         else:
             load_weights(self.model, load_file(str(weights)), weights)
             self._finish_setup()
@@ -247,10 +249,12 @@ class Trainer:
                  "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         with _atomic_file(run_dir / f"{name}{STATE_SUFFIX}") as tmp:
             torch.save(state, tmp)
+        # The tied lm_head is wte's storage: stored once, under wte (as save_pretrained does).
         weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
-                   if k != "lm_head.weight" and not k.endswith("lm_head.base_layer.weight")}
+                   if not k.endswith("lm_head.weight")}
+        meta = {"format": "pt", **(self.lora.metadata(self.tc) if self.lora is not None else {})}
         with _atomic_file(run_dir / f"{name}{WEIGHTS_SUFFIX}") as tmp:
-            save_file(weights, str(tmp), metadata={"format": "pt"})
+            save_file(weights, str(tmp), metadata=meta)
 
     def after_commit(self, run_dir: Path, name: str, kept: list[str]) -> None:
         pass  # no TF state file: a PyTorch run folder is read by `textmill convert` through textmill_state.json
