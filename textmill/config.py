@@ -97,7 +97,7 @@ class ModelConfig:
 @dataclass
 class BaseConfig:
     init: str = "scratch"          # scratch | fetch
-    uri: Optional[str] = None      # fetch: any fsspec URI of an OpenAI-layout folder (gs://, https://, local)
+    uri: Optional[str] = None      # fetch: fsspec URI of an OpenAI-layout or HF folder (gs://, local), or hf://org/name
     seed: int = 1234               # scratch weights' RNG seed
 
 

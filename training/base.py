@@ -137,12 +137,89 @@ def _check_variables(prefix: Path, hp: sizes.Hparams, source: str) -> None:
         pass
 
 
+def is_hf_uri(uri: str) -> bool:
+    """`hf://org/name`, or a folder (any fsspec URI) holding config.json and no hparams.json."""
+    if uri.startswith("hf://"):
+        return True
+    fs, root = storage.filesystem(uri)
+    return fs.exists(storage.join(root, "config.json")) and not fs.exists(storage.join(root, "hparams.json"))
+
+
+HF_FILES = ("config.json", "vocab.json", "merges.txt")  # + *.safetensors
+HF_OPTIONAL = ("tokenizer.json", "generation_config.json")
+
+
+def fetch_hf(cfg: config_mod.Config, uri: str, folder: Path) -> sizes.Hparams:
+    """A Hugging Face GPT-2 folder (config.json + safetensors + vocab.json/merges.txt) from `hf://org/name[@rev]` (the
+    Hub, online) or any fsspec URI, copied into `folder` as is and checked; a base for the PyTorch backend only."""
+    folder.mkdir(parents=True)
+    if uri.startswith("hf://"):
+        repo, _, revision = uri[len("hf://"):].partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(repo, revision=revision or None, local_dir=str(folder),
+                              allow_patterns=[*HF_FILES, *HF_OPTIONAL, "*.safetensors"])
+        except Exception as e:  # offline, unknown repo, gated model, network: one line naming the URI
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{uri}: cannot download from the Hugging Face Hub ({type(e).__name__}: {first}); check the "
+                            f"name, the network (HF_HUB_OFFLINE) and access, or copy the folder and pass its path") from None
+    else:
+        fs, root = storage.filesystem(uri)
+        names = [storage.join(root, n) for n in (*HF_FILES, *HF_OPTIONAL)]
+        weights_files = [p for p in fs.glob(storage.join(root, "*.safetensors"))]
+        if not weights_files:
+            raise UserError(f"{uri}: no *.safetensors; a Hugging Face folder has {', '.join(HF_FILES)} and "
+                            f"model.safetensors")
+        for remote in names[: len(HF_FILES)]:
+            _download(fs, remote, folder / remote.rsplit("/", 1)[-1], uri)
+        for remote in [*names[len(HF_FILES):], *weights_files]:
+            if fs.exists(remote):
+                _download(fs, remote, folder / str(remote).rsplit("/", 1)[-1], uri)
+    return check_hf(cfg, folder, source=uri)
+
+
+def check_hf(cfg: config_mod.Config, folder: Path, *, source: str) -> sizes.Hparams:
+    """config.json is a GPT-2 of `model.size`; the tokenizer has n_vocab tokens; every weight has its shape."""
+    from safetensors import safe_open
+
+    from convert.names import hf_shapes
+    from training import run
+
+    missing = [f for f in HF_FILES if not (folder / f).is_file()]
+    if missing or not any(folder.glob("*.safetensors")):
+        raise UserError(f"{source}: missing {missing or ['*.safetensors']}; a Hugging Face GPT-2 folder has "
+                        f"{', '.join(HF_FILES)} and model.safetensors")
+    hp = run.base_hparams(folder)
+    tok = tokenizer.from_openai_files(folder / "vocab.json", folder / "merges.txt")  # the same files under HF names
+    if tokenizer.vocab_size(tok) != hp.n_vocab:
+        raise UserError(f"{source}: vocab.json has {tokenizer.vocab_size(tok)} tokens but config.json vocab_size="
+                        f"{hp.n_vocab}; the tokenizer files belong to another model")
+    want = sizes.from_name(cfg.model.size, n_vocab=hp.n_vocab, n_ctx=hp.n_ctx)
+    if want != hp:
+        raise UserError(f"{source}/config.json: {hp.to_json()} is not model.size={cfg.model.size} ({want.to_json()}); "
+                        f"set model=<matching preset> or point base.uri at a {cfg.model.size} model")
+    have = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "np") as sf:
+            for key in sf.keys():
+                full = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+                have[full] = tuple(sf.get_slice(key).get_shape())
+    for key, shape in hf_shapes(hp).items():
+        if have.get(key) != shape:
+            raise UserError(f"{source}: weight {key} has shape {list(have[key]) if key in have else 'missing'}, "
+                            f"expected {list(shape)} for {hp.to_json()}; config.json does not match the weights")
+    return hp
+
+
 def make_base(cfg: config_mod.Config, model: str, out: Path | None = None, *, show_progress: bool = True) -> Path:
     """Build `{paths.base}/<model>/` (or `out`) atomically; returns the folder."""
     cfg.model_spec(model)
     dest = Path(out) if out is not None else Path(cfg.paths.base) / model
     with storage.atomic_path(dest) as tmp:
-        if cfg.base.init == "fetch":
+        if cfg.base.init == "fetch" and is_hf_uri(str(cfg.base.uri)):
+            fetch_hf(cfg, str(cfg.base.uri), tmp)
+        elif cfg.base.init == "fetch":
             fetch(cfg, str(cfg.base.uri), tmp)
         else:
             scratch(cfg, model, tmp, show_progress=show_progress)
