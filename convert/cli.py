@@ -41,9 +41,10 @@ def source_kind(path: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="textmill convert", description="Convert a TF GPT-2 checkpoint (OpenAI release, "
-                                "gpt-2-simple run, textmill run or checkpoint prefix) into a Hugging Face folder.")
+                                "gpt-2-simple run, textmill run or checkpoint prefix) or a textmill PyTorch run "
+                                "(training.backend=pt) into a Hugging Face folder.")
     p.add_argument("src", type=Path, help="OpenAI release folder, gpt-2-simple run folder (checkpoint/run1), "
-                   "textmill run (models/runs/<model>) or a checkpoint prefix (.../model-1200)")
+                   "textmill run (models/runs/<model>, TF or PyTorch) or a checkpoint prefix (.../model-1200)")
     p.add_argument("dst", type=Path, help="output folder (must not exist)")
     p.add_argument("--step", default=None, help="N, best (textmill runs: best validation loss) or latest (default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],

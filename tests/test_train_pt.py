@@ -219,3 +219,16 @@ def test_lora_trains_adapters_only_and_export_merges_them(tmp_path):
     assert np.abs(merged["transformer.h.0.attn.c_attn.weight"] - base["transformer.h.0.attn.c_attn.weight"]).max() > 1e-4
     record = json.loads((export / "textmill.json").read_text())
     assert record["val_loss"] == pytest.approx(report["val_loss"], abs=0)
+
+
+def test_mixed_float16_trains_with_a_grad_scaler_and_checkpoints_it(tmp_path):
+    import torch
+
+    from training.pt.trainer import train
+
+    root = make_env(tmp_path, **{**PT, "steps": 2, "eval_interval": 2, "checkpoint_interval": 1, "sample_interval": 0,
+                                 "precision": "mixed_float16"})
+    report = train(load_cfg(root), "m", progress=False)
+    assert report["precision"] == "mixed_float16" and np.isfinite(report["val_loss"])
+    saved = torch.load(root / "models/runs/m/model-2.pt", weights_only=False)
+    assert saved["step"] == 2 and saved["scaler"]["scale"] > 0  # the loss scale is part of the resume state
