@@ -232,3 +232,19 @@ def test_mixed_float16_trains_with_a_grad_scaler_and_checkpoints_it(tmp_path):
     assert report["precision"] == "mixed_float16" and np.isfinite(report["val_loss"])
     saved = torch.load(root / "models/runs/m/model-2.pt", weights_only=False)
     assert saved["step"] == 2 and saved["scaler"]["scale"] > 0  # the loss scale is part of the resume state
+
+
+@pytest.mark.parametrize("override", ["training.lora_rank=8", "training.memory_gb=16", "training.compile=true"])
+def test_pytorch_only_settings_are_refused_for_the_tf_backend(override):
+    from textmill import config as config_mod
+
+    with pytest.raises(UserError, match=rf"training\.{override.split('.')[1].split('=')[0]}=.* PyTorch-backend setting"):
+        config_mod.load(REPO / "params.yaml", ["training.backend=tf", override])
+    config_mod.load(REPO / "params.yaml", ["training.backend=pt", override])  # fine with pt
+
+
+def test_run_core_and_layout_reader_import_no_framework():
+    code = ("import sys, training.run, training.openai_layout, convert.sources, training.pt.memory; "
+            "bad = [m for m in ('tensorflow', 'torch') if m in sys.modules]; assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

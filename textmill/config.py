@@ -240,6 +240,13 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"config key {key}={value} must be a positive integer")
+    if cfg.training.backend == "tf":
+        pt_only = {"memory_gb": cfg.training.memory_gb, "lora_rank": cfg.training.lora_rank or None,
+                   "compile": cfg.training.compile or None}
+        for key, value in pt_only.items():
+            if value is not None:
+                raise UserError(f"config key training.{key}={value} is a PyTorch-backend setting; set "
+                                f"training.backend=pt (or drop training.{key})")
     if cfg.training.memory_gb is not None and cfg.training.memory_gb <= 0:
         raise UserError(f"config key training.memory_gb={cfg.training.memory_gb} must be a positive number of GB")
     for key in ("sample_interval", "warmup_steps", "early_stopping_patience", "lora_rank"):
