@@ -60,6 +60,18 @@ def test_run_folder_report_and_curves(trained):
     assert metric(root, "val_loss")[12] == pytest.approx(report["val_loss"])
 
 
+def test_model_uses_sdpa_attention_and_openai_math():
+    import torch
+
+    from training.pt.trainer import build_model
+
+    model = build_model(HP, 0, torch.device("cpu"))
+    cfg = model.config
+    assert cfg._attn_implementation == "sdpa" and cfg.activation_function == "gelu_new"
+    assert cfg.resid_pdrop == cfg.embd_pdrop == cfg.attn_pdrop == 0.0 and cfg.layer_norm_epsilon == 1e-5
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
+
+
 def test_initial_val_loss_matches_the_tf_model_of_the_base(trained):
     """The OpenAI-layout base read into GPT2LMHeadModel is the same function TF computes (the shared protocol)."""
     import tensorflow as tf

@@ -345,7 +345,6 @@ def train(cfg: Config, name: str, *, restart: bool = False, restart_if_stale: bo
         eot = int(meta["eot_id"]) if "eot_id" in meta else tokenizer_io.eot_id(tokenizer_io.load(paths.base))
         trainer = Trainer(hp, cfg.training, n_ctx, eot, dist)
         if trainer.is_writer:
-            log.info("memory plan: %s", trainer.plan.describe())
             print(f"memory plan: {trainer.plan.describe()}", flush=True)
         return trainer
 
