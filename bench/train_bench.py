@@ -98,6 +98,18 @@ def memory_cases(backend: str) -> dict:
     return out
 
 
+def set_threads(n: int, backends: tuple[str, ...]) -> None:
+    """The same intra-op thread count for every framework measured (before either runs an op)."""
+    if "pt" in backends:
+        import torch
+
+        torch.set_num_threads(n)
+    if "tf" in backends:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3)
@@ -105,6 +117,8 @@ def main() -> None:
     p.add_argument("--sizes", default="tiny,124M")
     p.add_argument("--backend", choices=("tf", "pt", "both"), default="both")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory part")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads for both frameworks (0 = their defaults); 1 avoids OpenMP spin on a busy VM")
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory is not None:
@@ -112,6 +126,8 @@ def main() -> None:
         print(json.dumps(peak_rss(backend, bool(int(flag)))))
         return
     backends = ("tf", "pt") if args.backend == "both" else (args.backend,)
+    if args.threads:
+        set_threads(args.threads, backends)
     results = []
     for size in args.sizes.split(","):
         steps = args.tiny_steps if size == "tiny" else args.steps
@@ -121,7 +137,7 @@ def main() -> None:
                             "checkpointing_speed_ratio": ckpt["tokens_per_s"] / base["tokens_per_s"]})
     memory = {} if args.no_memory else {b: memory_cases(b) for b in backends}
     print(json.dumps({"bench": "train", "machine": platform.machine(), "cpus": os.cpu_count(),
-                      "loadavg_start": os.getloadavg(), "results": results, "memory": memory}, indent=2))
+                      "threads": args.threads or "default", "loadavg_start": os.getloadavg(), "results": results, "memory": memory}, indent=2))
 
 
 if __name__ == "__main__":
