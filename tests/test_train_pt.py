@@ -102,9 +102,11 @@ def test_convert_then_evaluate_reproduces_the_trainers_val_loss(trained):
     assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"} <= \
         {p.name for p in export.iterdir()}
     cfg = load_cfg(root)
-    cfg.evaluate.sample_tokens = 8  # prompt + samples must stay inside the tiny model's 32 positions
+    assert cfg.evaluate.sample_tokens + 2 > HP.n_ctx  # samples would run past the 32 positions: they stop there
     out = evaluate(cfg, "m")
     assert out["abs_diff"] < 1e-3 and out["step"] == report["best_step"]
+    samples = (root / "reports/eval/m-samples.md").read_text()
+    assert samples.count("Sample 1 (seed") == len(cfg.evaluate.prompts)
 
 
 def committed_step(run: Path) -> int:
