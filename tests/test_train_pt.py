@@ -262,3 +262,25 @@ def test_run_core_and_layout_reader_import_no_framework():
             "bad = [m for m in ('tensorflow', 'torch') if m in sys.modules]; assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bfloat16_training_validates_in_float32(tmp_path):
+    """Autocast bf16 for the steps, float32 for validation: a fresh float32 evaluation of the checkpoint agrees."""
+    import torch
+    from safetensors.torch import load_file
+
+    from training import data
+    from training.pt.trainer import build_model, load_weights, train
+
+    root = make_env(tmp_path, **{**PT, "steps": 2, "eval_interval": 2, "checkpoint_interval": 2, "sample_interval": 0,
+                                 "precision": "bfloat16"})
+    report = train(load_cfg(root), "m", progress=False)
+    model = build_model(HP, 0, torch.device("cpu"))
+    load_weights(model, load_file(str(root / "models/runs/m/model-2.safetensors")), root)
+    val = data.open_tokens(root / "data/tokens/m", "val")
+    with torch.inference_mode():
+        losses = [(torch.nn.functional.cross_entropy(model(torch.from_numpy(x).long()).logits.flatten(0, 1),
+                                                     torch.from_numpy(y).long().flatten(), reduction="none")
+                   .view(x.shape).numpy(), w) for x, y, w in data.eval_batches(val, HP.n_ctx, 5)]
+    assert report["precision"] == "bfloat16"
+    assert report["val_loss"] == pytest.approx(data.mean_loss(iter(losses)), abs=1e-5)
