@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from textmill.errors import UserError
 
-# Source kind -> converter(src_path, dst, args) -> provenance dict. A PyTorch training run (training/pt, safetensors +
-# trainer state) gets its own entry here when that trainer lands; every TF layout shares one converter.
+# Source kind -> converter(src_path, dst, args) -> provenance dict. A PyTorch training run (training/pt: safetensors +
+# optimizer state, textmill_state.json says backend pt) has its own converter; every TF layout shares one.
 Converter = Callable[[Path, Path, argparse.Namespace], dict[str, Any]]
 
 
@@ -24,25 +24,27 @@ def _convert_tf(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str
 
 
 def _convert_torch_run(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    raise UserError(f"{src_path}: converting a PyTorch training run is not supported yet; a torch run saves "
-                    f"transformers' format already (load its folder with from_pretrained)")
+    from convert.pt_to_hf import convert_cli
+
+    return convert_cli(src_path, dst, args)
 
 
 CONVERTERS: dict[str, Converter] = {"tf": _convert_tf, "torch": _convert_torch_run}
 
 
 def source_kind(path: Path) -> str:
-    """`torch` for a PyTorch run (its folder has a trainer_state.json), else `tf` (its layout is resolved later)."""
-    if path.is_dir() and (path / "trainer_state.json").is_file():
-        return "torch"
-    return "tf"
+    """`torch` for a PyTorch run (its textmill_state.json says backend pt), else `tf` (its layout is resolved later)."""
+    from convert.pt_to_hf import is_torch_run
+
+    return "torch" if is_torch_run(path) else "tf"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="textmill convert", description="Convert a TF GPT-2 checkpoint (OpenAI release, "
-                                "gpt-2-simple run, textmill run or checkpoint prefix) into a Hugging Face folder.")
+                                "gpt-2-simple run, textmill run or checkpoint prefix) or a textmill PyTorch run "
+                                "(training.backend=pt) into a Hugging Face folder.")
     p.add_argument("src", type=Path, help="OpenAI release folder, gpt-2-simple run folder (checkpoint/run1), "
-                   "textmill run (models/runs/<model>) or a checkpoint prefix (.../model-1200)")
+                   "textmill run (models/runs/<model>, TF or PyTorch) or a checkpoint prefix (.../model-1200)")
     p.add_argument("dst", type=Path, help="output folder (must not exist)")
     p.add_argument("--step", default=None, help="N, best (textmill runs: best validation loss) or latest (default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],

@@ -6,8 +6,6 @@ a message saying which path to pass instead.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -15,12 +13,11 @@ from typing import Any, Optional
 from textmill.errors import UserError
 from textmill.sizes import Hparams
 from textmill.storage import read_json
+from training import openai_layout
+from training.openai_layout import META_FILES, step_of
 
-INDEX, DATA = ".index", ".data-00000-of-00001"
-META_FILES = ("hparams.json", "encoder.json", "vocab.bpe")
+INDEX, DATA = openai_layout.INDEX_SUFFIX, openai_layout.DATA_SUFFIX
 STATE_FILE = "textmill_state.json"
-_STEP = re.compile(r"^model-(\d+)$")
-_STATE_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"\s*$')
 
 
 @dataclass
@@ -50,31 +47,10 @@ class Source:
         return sorted([Path(f"{self.prefix}{INDEX}"), *self.prefix.parent.glob(f"{self.prefix.name}.data-*")])
 
     def hparams(self) -> Hparams:
-        try:
-            return Hparams.from_json(json.loads(self.hparams_path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise UserError(f"{self.hparams_path}: invalid hparams.json ({e}); expected n_vocab, n_ctx, n_embd, n_head, "
-                            f"n_layer") from None
+        return openai_layout.read_hparams(self.hparams_path)
 
 
-def step_of(prefix: Path) -> Optional[int]:
-    m = _STEP.match(prefix.name)
-    return int(m.group(1)) if m else None
-
-
-def _latest_name(folder: Path) -> Optional[str]:
-    """model_checkpoint_path from a folder's `checkpoint` state file (relative to the folder), or None."""
-    state = folder / "checkpoint"
-    if not state.is_file():
-        return None
-    for line in state.read_text(encoding="utf-8", errors="replace").splitlines():
-        if m := _STATE_LINE.match(line):
-            return m.group(1)
-    raise UserError(f"{state}: has no model_checkpoint_path line; pass a checkpoint prefix such as {folder}/model-1200")
-
-
-def _steps_in(folder: Path) -> list[int]:
-    return sorted(s for p in folder.glob(f"*{INDEX}") if (s := step_of(Path(p.name[: -len(INDEX)]))) is not None)
+_steps_in = openai_layout.steps_in
 
 
 def _check_prefix(prefix: Path) -> None:
@@ -109,14 +85,13 @@ def _wrong_folder_hint(folder: Path) -> str:
 
 
 def _folder_prefix(folder: Path, step: str) -> Path:
-    latest = _latest_name(folder)
-    if latest is None and (folder / f"model.ckpt{INDEX}").is_file():
-        latest = "model.ckpt"
-    if latest is None and (steps := _steps_in(folder)):
-        latest = f"model-{steps[-1]}"  # a `checkpoint` file lost in a copy: the highest step is the latest
-    if latest is None:
+    latest_path = openai_layout.latest_prefix(folder)  # a Colab / Windows path recorded there -> the file beside it
+    if latest_path is None and (folder / f"model.ckpt{INDEX}").is_file():
+        latest_path = folder / "model.ckpt"
+    if latest_path is None and (steps := _steps_in(folder)):
+        latest_path = folder / f"model-{steps[-1]}"  # a `checkpoint` file lost in a copy: the highest step is the latest
+    if latest_path is None:
         raise UserError(f"{folder}: no checkpoint here (no `checkpoint` file, no *.index){_wrong_folder_hint(folder)}")
-    latest_path = Path(latest) if Path(latest).is_absolute() else folder / latest
     if step == "latest":
         return latest_path
     if latest_path.name == "model.ckpt":

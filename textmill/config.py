@@ -114,7 +114,7 @@ class ModelConfig:
 @dataclass
 class BaseConfig:
     init: str = "scratch"          # scratch | fetch
-    uri: Optional[str] = None      # fetch: any fsspec URI of an OpenAI-layout folder (gs://, https://, local)
+    uri: Optional[str] = None      # fetch: fsspec URI of an OpenAI-layout or HF folder (gs://, local), or hf://org/name
     seed: int = 1234               # scratch weights' RNG seed
 
 
@@ -142,7 +142,7 @@ class TrainingConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_checkpointing: bool = False
-    precision: str = "float32"     # float32 | mixed_float16 (dynamic loss scaling)
+    precision: str = "float32"     # float32 | mixed_float16 (dynamic loss scaling; P100/V100) | bfloat16 (Ampere+)
     eval_interval: int = 50        # steps between validation passes (full val.bin)
     sample_interval: int = 100     # steps between samples written to the run's samples file (0 = never)
     sample_length: int = 48
@@ -151,7 +151,11 @@ class TrainingConfig:
     early_stopping_patience: int = 0  # evals without improvement before stopping (0 = off)
     seed: int = 1234
     log_interval: int = 10
-    distribute: str = "auto"       # auto | none | mirrored
+    distribute: str = "auto"       # tf: auto | none | mirrored (pt: one process per device through torchrun)
+    memory_gb: Optional[float] = None  # pt: device memory budget; the planner picks micro-batch/accum/checkpointing
+    compile: bool = False          # pt: torch.compile the model
+    lora_rank: int = 0             # pt: >0 trains rank-r LoRA adapters (peft) on attention instead of all weights
+    lora_alpha: float = 16.0       # pt: LoRA scaling numerator (scale = lora_alpha / lora_rank)
 
 
 @dataclass
@@ -266,7 +270,16 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"config key {key}={value} must be a positive integer")
-    for key in ("sample_interval", "warmup_steps", "early_stopping_patience"):
+    if cfg.training.backend == "tf":
+        pt_only = {"memory_gb": cfg.training.memory_gb, "lora_rank": cfg.training.lora_rank or None,
+                   "compile": cfg.training.compile or None}
+        for key, value in pt_only.items():
+            if value is not None:
+                raise UserError(f"config key training.{key}={value} is a PyTorch-backend setting; set "
+                                f"training.backend=pt (or drop training.{key})")
+    if cfg.training.memory_gb is not None and cfg.training.memory_gb <= 0:
+        raise UserError(f"config key training.memory_gb={cfg.training.memory_gb} must be a positive number of GB")
+    for key in ("sample_interval", "warmup_steps", "early_stopping_patience", "lora_rank"):
         if getattr(cfg.training, key) < 0:
             raise UserError(f"config key training.{key}={getattr(cfg.training, key)} must be >= 0")
     if not 0.0 < cfg.clean.near_dup.threshold <= 1.0:

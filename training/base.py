@@ -8,7 +8,6 @@ trainer read it the same way whichever way it was made. It is assembled in a tem
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ from pipelines.clean_io import iter_docs
 from textmill import config as config_mod
 from textmill import sizes, storage, tokenizer, weights
 from textmill.errors import UserError
+from training import openai_layout
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +28,8 @@ CKPT_FILES = (f"{CKPT}.index", f"{CKPT}.data-00000-of-00001")
 FILES = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe", *CKPT_FILES)
 
 
-def write_hparams(hp: sizes.Hparams, folder: Path) -> None:
-    # OpenAI's key order (n_vocab, n_ctx, n_embd, n_head, n_layer), as their release and gpt-2-simple write it.
-    (folder / "hparams.json").write_text(json.dumps(hp.to_json(), indent=2) + "\n", encoding="utf-8")
-
-
-def read_hparams(path: Path) -> sizes.Hparams:
-    try:
-        return sizes.Hparams.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: bad GPT-2 hparams ({e}); expected n_vocab, n_ctx, n_embd, n_head, n_layer") from None
+write_hparams = openai_layout.write_hparams
+read_hparams = openai_layout.read_hparams
 
 
 def corpus_texts(cfg: config_mod.Config, model: str) -> Iterator[str]:
@@ -81,13 +71,13 @@ def _download(fs, remote: str, local: Path, uri: str) -> None:
 
 def _source_prefix(fs, root: str, uri: str, folder: Path) -> str:
     """Name of the checkpoint to fetch: from the source's `checkpoint` file (OpenAI: model.ckpt; gpt-2-simple: model-N)."""
-    from training.tf import checkpoint
-
     if not fs.exists(storage.join(root, "checkpoint")):
         return CKPT  # a bare release copy without its state file: OpenAI's name
     _download(fs, storage.join(root, "checkpoint"), folder / "checkpoint", uri)
-    latest, _ = checkpoint.read_checkpoint_file(folder)
-    return Path(latest).name  # an absolute path written on another machine means nothing here; the file sits beside it
+    latest, _ = openai_layout.read_state(folder)
+    # A path written on another machine (Colab's /content/drive/..., Windows' C:\\...) means nothing here: the
+    # checkpoint sits beside its state file.
+    return openai_layout.recorded_name(latest)
 
 
 def fetch(cfg: config_mod.Config, uri: str, folder: Path) -> sizes.Hparams:
@@ -147,12 +137,89 @@ def _check_variables(prefix: Path, hp: sizes.Hparams, source: str) -> None:
         pass
 
 
+def is_hf_uri(uri: str) -> bool:
+    """`hf://org/name`, or a folder (any fsspec URI) holding config.json and no hparams.json."""
+    if uri.startswith("hf://"):
+        return True
+    fs, root = storage.filesystem(uri)
+    return fs.exists(storage.join(root, "config.json")) and not fs.exists(storage.join(root, "hparams.json"))
+
+
+HF_FILES = ("config.json", "vocab.json", "merges.txt")  # + *.safetensors
+HF_OPTIONAL = ("tokenizer.json", "generation_config.json")
+
+
+def fetch_hf(cfg: config_mod.Config, uri: str, folder: Path) -> sizes.Hparams:
+    """A Hugging Face GPT-2 folder (config.json + safetensors + vocab.json/merges.txt) from `hf://org/name[@rev]` (the
+    Hub, online) or any fsspec URI, copied into `folder` as is and checked; a base for the PyTorch backend only."""
+    folder.mkdir(parents=True)
+    if uri.startswith("hf://"):
+        repo, _, revision = uri[len("hf://"):].partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(repo, revision=revision or None, local_dir=str(folder),
+                              allow_patterns=[*HF_FILES, *HF_OPTIONAL, "*.safetensors"])
+        except Exception as e:  # offline, unknown repo, gated model, network: one line naming the URI
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{uri}: cannot download from the Hugging Face Hub ({type(e).__name__}: {first}); check the "
+                            f"name, the network (HF_HUB_OFFLINE) and access, or copy the folder and pass its path") from None
+    else:
+        fs, root = storage.filesystem(uri)
+        names = [storage.join(root, n) for n in (*HF_FILES, *HF_OPTIONAL)]
+        weights_files = [p for p in fs.glob(storage.join(root, "*.safetensors"))]
+        if not weights_files:
+            raise UserError(f"{uri}: no *.safetensors; a Hugging Face folder has {', '.join(HF_FILES)} and "
+                            f"model.safetensors")
+        for remote in names[: len(HF_FILES)]:
+            _download(fs, remote, folder / remote.rsplit("/", 1)[-1], uri)
+        for remote in [*names[len(HF_FILES):], *weights_files]:
+            if fs.exists(remote):
+                _download(fs, remote, folder / str(remote).rsplit("/", 1)[-1], uri)
+    return check_hf(cfg, folder, source=uri)
+
+
+def check_hf(cfg: config_mod.Config, folder: Path, *, source: str) -> sizes.Hparams:
+    """config.json is a GPT-2 of `model.size`; the tokenizer has n_vocab tokens; every weight has its shape."""
+    from safetensors import safe_open
+
+    from convert.names import hf_shapes
+    from training import run
+
+    missing = [f for f in HF_FILES if not (folder / f).is_file()]
+    if missing or not any(folder.glob("*.safetensors")):
+        raise UserError(f"{source}: missing {missing or ['*.safetensors']}; a Hugging Face GPT-2 folder has "
+                        f"{', '.join(HF_FILES)} and model.safetensors")
+    hp = run.base_hparams(folder)
+    tok = tokenizer.from_openai_files(folder / "vocab.json", folder / "merges.txt")  # the same files under HF names
+    if tokenizer.vocab_size(tok) != hp.n_vocab:
+        raise UserError(f"{source}: vocab.json has {tokenizer.vocab_size(tok)} tokens but config.json vocab_size="
+                        f"{hp.n_vocab}; the tokenizer files belong to another model")
+    want = sizes.from_name(cfg.model.size, n_vocab=hp.n_vocab, n_ctx=hp.n_ctx)
+    if want != hp:
+        raise UserError(f"{source}/config.json: {hp.to_json()} is not model.size={cfg.model.size} ({want.to_json()}); "
+                        f"set model=<matching preset> or point base.uri at a {cfg.model.size} model")
+    have = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "np") as sf:
+            for key in sf.keys():
+                full = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+                have[full] = tuple(sf.get_slice(key).get_shape())
+    for key, shape in hf_shapes(hp).items():
+        if have.get(key) != shape:
+            raise UserError(f"{source}: weight {key} has shape {list(have[key]) if key in have else 'missing'}, "
+                            f"expected {list(shape)} for {hp.to_json()}; config.json does not match the weights")
+    return hp
+
+
 def make_base(cfg: config_mod.Config, model: str, out: Path | None = None, *, show_progress: bool = True) -> Path:
     """Build `{paths.base}/<model>/` (or `out`) atomically; returns the folder."""
     cfg.model_spec(model)
     dest = Path(out) if out is not None else Path(cfg.paths.base) / model
     with storage.atomic_path(dest) as tmp:
-        if cfg.base.init == "fetch":
+        if cfg.base.init == "fetch" and is_hf_uri(str(cfg.base.uri)):
+            fetch_hf(cfg, str(cfg.base.uri), tmp)
+        elif cfg.base.init == "fetch":
             fetch(cfg, str(cfg.base.uri), tmp)
         else:
             scratch(cfg, model, tmp, show_progress=show_progress)

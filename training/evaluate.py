@@ -85,11 +85,16 @@ def write_samples(model, tok, cfg: textmill_config.EvaluateConfig, path: Path, h
     for prompt in cfg.prompts:
         lines += [f"## Prompt: {prompt!r}", ""]
         ids = torch.tensor([tok(prompt)["input_ids"]])
+        # A sample never runs past the position table (a tiny model's n_ctx can be smaller than sample_tokens).
+        room = int(model.config.n_positions) - ids.shape[1]
+        if room <= 0:
+            raise UserError(f"config key evaluate.prompts: {prompt!r} is {ids.shape[1]} tokens, the model's context is "
+                            f"{model.config.n_positions}; shorten the prompt")
         for i in range(cfg.samples):
             set_seed(cfg.seed + i)
             with torch.inference_mode():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=cfg.top_k,
-                                     max_new_tokens=cfg.sample_tokens, pad_token_id=tok.eos_token_id)
+                                     max_new_tokens=min(cfg.sample_tokens, room), pad_token_id=tok.eos_token_id)
             text = tok.decode(out[0], skip_special_tokens=False)
             samples.append({"prompt": prompt, "seed": cfg.seed + i, "text": text})
             lines += [f"Sample {i + 1} (seed {cfg.seed + i}):", "", "````text", text, "````", ""]

@@ -1,4 +1,4 @@
-"""`textmill train <model>`: the DVC stage `train@<model>`; dispatches on `training.backend` (tf today, pt next)."""
+"""`textmill train <model>`: the DVC stage `train@<model>`; dispatches on `training.backend` (tf | pt)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 
 from textmill import config as config_mod
-from textmill.errors import UserError
 
 
 def main(argv: list[str]) -> int:
@@ -24,12 +23,14 @@ def main(argv: list[str]) -> int:
     cfg = config_mod.from_args(args)
     cfg.model_spec(args.model)
     if cfg.training.backend == "pt":
-        raise UserError("config key training.backend=pt: the PyTorch trainer is not built yet; use training.backend=tf")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from training.tf.trainer import train  # TensorFlow loads only here (6 s)
+        from training.pt.trainer import train  # torch only: TensorFlow is not imported for a PyTorch run
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from training.tf.trainer import train  # TensorFlow loads only here (6 s)
 
     report = train(cfg, args.model, restart=args.restart, restart_if_stale=args.restart_if_stale,
                    progress=not args.no_progress)
     keys = ("final_step", "train_loss", "val_loss", "best_step", "best_val_loss", "tokens_per_s")
-    print(json.dumps({k: report[k] for k in keys}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the report; rank 0 prints it
+        print(json.dumps({k: report[k] for k in keys}))
     return 0

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
 
-from textmill import storage
 from textmill.errors import UserError
+from training import openai_layout
 
-DATA_SUFFIX = ".data-00000-of-00001"
-INDEX_SUFFIX = ".index"
-STATE_FILE = "checkpoint"
+DATA_SUFFIX = openai_layout.DATA_SUFFIX
+INDEX_SUFFIX = openai_layout.INDEX_SUFFIX
+STATE_FILE = openai_layout.STATE_FILE
 
 
 
@@ -35,8 +34,6 @@ class _SaverDeprecationFilter(logging.Filter):
 
 logging.getLogger("tensorflow").addFilter(_SaverDeprecationFilter())
 
-# The `checkpoint` state file is a text proto with two fields; a regex reads it without pulling in TF's proto parser.
-_STATE_LINE = re.compile(r'^\s*(model_checkpoint_path|all_model_checkpoint_paths)\s*:\s*"((?:[^"\\]|\\.)*)"\s*$')
 
 
 def _as_variable(value: tf.Variable | np.ndarray) -> tf.Variable:
@@ -69,74 +66,20 @@ def save(variables: Mapping[str, tf.Variable | np.ndarray], prefix: str | Path) 
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
 
 
-def write_checkpoint_file(folder: str | Path, latest_name: str, all_names: Iterable[str]) -> None:
-    """Write the `checkpoint` state file (what `tf.train.latest_checkpoint` and gpt-2-simple read), atomically.
-
-    Names are relative to the folder (e.g. "model-300"), so the folder can be moved or synced elsewhere.
-    """
-    folder = Path(folder)
-    names = list(all_names)
-    if latest_name not in names:
-        names.append(latest_name)
-    lines = [f'model_checkpoint_path: "{latest_name}"'] + [f'all_model_checkpoint_paths: "{n}"' for n in names]
-    storage.write_text_atomic(folder / STATE_FILE, "\n".join(lines) + "\n")
+# The state file and prefix resolution are TF-free and shared with convert and base: training.openai_layout.
+write_checkpoint_file = openai_layout.write_state
+latest_prefix = openai_layout.latest_prefix
+resolve_prefix = openai_layout.resolve_prefix
+_check_files = openai_layout.check_files
 
 
 def read_checkpoint_file(folder: str | Path) -> tuple[str, list[str]]:
-    """(latest name, all names) from a folder's `checkpoint` file, exactly as written there."""
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint state file; this folder holds no saved checkpoint (train or fetch one first)")
-    latest, names = None, []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        m = _STATE_LINE.match(line)
-        if not m:
-            raise UserError(f"{path}:{lineno}: unreadable line {line!r} (expected model_checkpoint_path: \"NAME\")")
-        key, value = m.group(1), m.group(2).encode().decode("unicode_escape")
-        if key == "model_checkpoint_path":
-            latest = value
-        else:
-            names.append(value)
-    if latest is None:
-        raise UserError(f"{path}: has no model_checkpoint_path line; rewrite it or delete it and pass a prefix explicitly")
-    return latest, names
-
-
-def latest_prefix(folder: str | Path) -> Path | None:
-    """The newest checkpoint prefix named by the folder's `checkpoint` file, or None when the folder has none yet.
-
-    A relative path (gpt-2-simple and textmill write those) resolves against the folder; an absolute one is kept.
-    """
-    folder = Path(folder)
-    if not (folder / STATE_FILE).is_file():
-        return None
-    latest, _ = read_checkpoint_file(folder)
-    path = Path(latest)
-    return path if path.is_absolute() else folder / path
-
-
-def resolve_prefix(path: str | Path) -> Path:
-    """A checkpoint prefix from a prefix or a folder (folder -> its `checkpoint` file's latest); UserError if none."""
-    path = Path(path)
-    if path.is_dir():
-        prefix = latest_prefix(path)
-        if prefix is None:
-            raise UserError(f"{path / STATE_FILE}: no checkpoint state file in this folder; pass a prefix such as "
-                            f"{path}/model-300 or train/fetch a checkpoint first")
-        path = prefix
-    _check_files(path)
-    return path
-
-
-def _check_files(prefix: Path) -> None:
-    index, data = Path(f"{prefix}{INDEX_SUFFIX}"), Path(f"{prefix}{DATA_SUFFIX}")
-    if not index.is_file():
-        hint = f" (found {data.name} without its index: the save was interrupted; re-save it)" if data.is_file() else ""
-        raise UserError(f"{index}: no such checkpoint index{hint}; pass a prefix like models/runs/<model>/model-300")
-    if not data.is_file() and not any(prefix.parent.glob(f"{prefix.name}.data-*")):
-        raise UserError(f"{data}: checkpoint data file missing next to {index.name}; copy it again")
+    """(latest name, all names) from a folder's `checkpoint` file, exactly as written there; UserError if absent."""
+    state = openai_layout.read_state(folder)
+    if state is None:
+        raise UserError(f"{Path(folder) / STATE_FILE}: no checkpoint state file; this folder holds no saved checkpoint "
+                        f"(train or fetch one first)")
+    return state
 
 
 def _first_line(e: BaseException) -> str:

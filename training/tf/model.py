@@ -9,7 +9,6 @@ hold the -1e10 mask, and a softmax over 50k logits in float16 loses the small pr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -19,6 +18,7 @@ import tensorflow as tf
 
 from textmill import weights
 from textmill.errors import UserError
+from training import openai_layout
 from textmill.sizes import Hparams
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -154,14 +154,7 @@ class GPT2(tf.Module):
         return tf.reduce_mean(ce)
 
 
-def read_hparams(folder: Path) -> Hparams:
-    path = folder / "hparams.json"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; a GPT-2 checkpoint folder has hparams.json (n_vocab, n_ctx, n_embd, ...)")
-    try:
-        return Hparams.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{path}: invalid hparams ({e})") from None
+read_hparams = openai_layout.read_hparams  # the one hparams.json reader (TF-free)
 
 
 def load(folder_or_prefix: str | Path, hp: Hparams | None = None, **kwargs) -> GPT2:
