@@ -1,0 +1,271 @@
+"""Reduced-precision inference: GPT-2 Conv1D -> Linear, dynamic int8, bf16, and the loss check that picks one per version.
+
+`serving.dtype` asks for a precision; `plan()` turns the request into an ordered list of candidates (fastest first) for
+the device, and `select()` keeps the first candidate whose loss on a validation sample is within `tolerance` (relative)
+of the fp32 model's. On CPU, `auto` and `int8` try `int8` (every Linear, lm_head included), then `int8_body` (lm_head
+kept fp32), then `bfloat16` (only where the CPU has native bf16: AVX512-BF16 or AMX), then `float32`, which always
+passes. On GPU the request resolves as before (auto = bf16, or fp16 without bf16 support) with no check: dynamic int8
+is a CPU kernel.
+
+The validation sample is `val_sample.json` in the version's folder (written by `textmill convert --tokens`, published
+with the version and verified against its MANIFEST like any other file); a version without one is checked on a short
+English text shipped with textmill (`serving/quality_sample.txt`), tokenized with the version's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TOLERANCE", "PRECISIONS", "SAMPLE_FILE", "PrecisionReport", "conv1d_to_linear",
+           "cpu_supports_bf16", "load_model", "load_sample", "plan", "quantize_int8", "select", "sequence_loss",
+           "to_precision"]
+
+PRECISIONS = ("auto", "float32", "float16", "bfloat16", "int8")   # values of serving.dtype
+DEFAULT_TOLERANCE = 0.01      # |loss - fp32 loss| / fp32 loss a reduced precision may cost
+SAMPLE_FILE = "val_sample.json"
+SAMPLE_TOKENS = 512           # tokens of the sample the check scores (more only costs load time)
+SHIPPED_SAMPLE = "quality_sample.txt"
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PrecisionReport:
+    """What `select` chose for one loaded version, and why (shown in /info, logged, and as /metrics gauges).
+
+    Losses are mean next-token cross-entropy in nats on `sample_tokens` tokens; `loss_delta` is relative:
+    (loss - reference_loss) / reference_loss, 0.0 for float32 itself, None when no check ran (GPU)."""
+
+    requested: str
+    chosen: str
+    device: str
+    tolerance: float
+    sample: str | None = None            # "val_sample.json", "shipped text" or None (no check)
+    sample_tokens: int = 0
+    reference_loss: float | None = None
+    loss: float | None = None
+    loss_delta: float | None = None
+    rejected: dict[str, float] = field(default_factory=dict)   # candidate -> its relative loss delta
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------- hardware
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (x86 AVX512-BF16 or AMX-BF16), where oneDNN's bf16 matmuls beat fp32.
+
+    Reads /proc/cpuinfo flags; elsewhere (macOS, no procfs) asks oneDNN. Without native support bf16 is emulated and
+    slower than fp32, so it is never chosen."""
+    flags = _cpu_flags()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def int8_supported() -> bool:
+    """A quantized CPU engine (x86/fbgemm, onednn or qnnpack) is built into this torch."""
+    return any(e != "none" for e in torch.backends.quantized.supported_engines)
+
+
+def plan(requested: str, device: torch.device) -> list[str]:
+    """Candidate precisions for `requested` on `device`, fastest first; the last one is the fallback that always passes.
+
+    Raises ValueError for a value outside PRECISIONS, or int8 on a non-CPU device (dynamic int8 is a CPU kernel)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"serving.dtype={requested!r} is invalid; choose one of {list(PRECISIONS)}")
+    if device.type != "cpu":
+        if requested == "int8":
+            raise ValueError(f"serving.dtype=int8 runs on CPU only (device {device}); use auto, bfloat16 or float16")
+        if requested == "auto":
+            if device.type == "cuda":
+                return ["bfloat16" if torch.cuda.is_bf16_supported() else "float16"]
+            return ["float32"]
+        return [requested]
+    bf16 = ["bfloat16"] if cpu_supports_bf16() else []
+    if requested in ("auto", "int8"):
+        return [*(["int8", "int8_body"] if int8_supported() else []), *bf16, "float32"]
+    if requested == "bfloat16":
+        if not bf16:
+            log.warning("serving.dtype=bfloat16: this CPU has no native bf16 (avx512_bf16/amx_bf16); using float32")
+        return [*bf16, "float32"]
+    if requested == "float16":
+        return ["float16", "float32"]
+    return ["float32"]
+
+
+# ---------------------------------------------------------------------------------------------------------- transforms
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace every transformers `Conv1D` (GPT-2's projections: y = x @ W + b, W of shape [in, out]) by an `nn.Linear`
+    in place, so that quantizers that know only Linear reach them. Returns how many were replaced.
+
+    The Linear's weight is a transposed *view* of the same storage ([out, in] with strides of W), so `F.linear` calls
+    the same `addmm` on the same memory as Conv1D did and fp32 outputs are bit-identical."""
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.nx, child.nf, bias=True, device="meta")
+                linear.weight = nn.Parameter(child.weight.detach().t(), requires_grad=False)
+                linear.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
+
+
+def quantize_int8(model: nn.Module, *, lm_head: bool = True) -> nn.Module:
+    """Dynamic int8 (weights per-channel-free qint8, activations quantized per batch at run time) on every Linear of a
+    GPT-2 model, in place; `lm_head=False` keeps the output projection in fp32. Conv1D layers are converted first.
+
+    Uses `torch.ao.quantization.quantize_dynamic` (x86/fbgemm kernels on CPU). The tied input embedding stays fp32;
+    a quantized lm_head holds its own packed int8 copy of it. Returns the model (CPU, fp32 otherwise)."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    conv1d_to_linear(model)
+    spec = {name: default_dynamic_qconfig for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (lm_head or name != "lm_head")}
+    with warnings.catch_warnings():
+        # torch >= 2.9 marks torch.ao.quantization deprecated in favour of torchao; its dynamic int8 Linear kernels are
+        # still the fast x86 path in this torch. Silenced here so every model load does not print a page of warnings.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated", category=UserWarning)
+        return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+
+
+def to_precision(model: nn.Module, precision: str) -> nn.Module:
+    """A copy of the fp32 `model` in `precision` (float32 returns `model` itself). Raises ValueError for an unknown one."""
+    if precision == "float32":
+        return model
+    if precision in ("int8", "int8_body"):
+        return quantize_int8(copy.deepcopy(model), lm_head=precision == "int8")
+    if precision in FLOAT_DTYPES:
+        return copy.deepcopy(model).to(FLOAT_DTYPES[precision])
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------- quality
+@torch.inference_mode()
+def sequence_loss(model: nn.Module, ids: torch.Tensor, window: int) -> float:
+    """Mean next-token cross-entropy (nats) of a causal LM over `ids` (1-D int64), scored in consecutive windows of at
+    most `window` tokens (each window predicts its own tokens 2..n, so a window contributes n-1 targets)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start:start + window].to(device)[None]
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk).logits.float()
+        loss = nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        total, count = total + float(loss), count + chunk.shape[1] - 1
+    if count == 0:
+        raise ValueError("the quality sample has fewer than 2 tokens")
+    return total / count
+
+
+def _read_sample_file(path: Path, vocab_size: int) -> list[int]:
+    """Token ids from a published val_sample.json; ValueError naming the file and the problem when it is malformed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or len(ids) < 2:
+        raise ValueError(f"{path}: needs an 'ids' list of at least 2 token ids")
+    bad = next((i for i, t in enumerate(ids) if type(t) is not int or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{path}: ids[{bad}]={ids[bad]!r} is not a token id in [0, {vocab_size})")
+    return ids
+
+
+def load_sample(folder: Path, tokenizer: Any, vocab_size: int, max_tokens: int = SAMPLE_TOKENS) -> tuple[list[int], str]:
+    """The token ids the quality check scores for the version in `folder`, and where they came from.
+
+    `tokenizer` is a `tokenizers.Tokenizer` (the version's own). A malformed published sample is logged and replaced by
+    the shipped text, so a bad sample file never keeps a version from loading."""
+    path = Path(folder) / SAMPLE_FILE
+    if path.is_file():
+        try:
+            return _read_sample_file(path, vocab_size)[:max_tokens], SAMPLE_FILE
+        except ValueError as e:
+            log.warning("%s; checking precision on the shipped text sample instead", e)
+    text = resources.files("serving").joinpath(SHIPPED_SAMPLE).read_text(encoding="utf-8")
+    return tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens], "shipped text"
+
+
+def select(model: nn.Module, requested: str, device: torch.device, sample: tuple[list[int], str] | None, *,
+           tolerance: float = DEFAULT_TOLERANCE) -> tuple[nn.Module, PrecisionReport]:
+    """The fastest candidate of `plan(requested, device)` whose loss on `sample` is within `tolerance` (relative) of the
+    fp32 `model`'s, and the report of the choice. `model` is fp32 on `device`, in eval mode; it is returned unchanged
+    when float32 wins, else a converted copy is (the fp32 one can then be freed). On GPU, or when float32 is the only
+    candidate, no check runs and `sample` may be None."""
+    if tolerance < 0 or not math.isfinite(tolerance):
+        raise ValueError(f"precision tolerance must be a finite number >= 0, got {tolerance}")
+    chain = plan(requested, device)
+    report = PrecisionReport(requested=requested, chosen=chain[0], device=str(device), tolerance=tolerance)
+    if device.type != "cpu" or chain == ["float32"] or sample is None:
+        if chain[0] in FLOAT_DTYPES:
+            model = model.to(FLOAT_DTYPES[chain[0]])
+        return model, report
+    ids = torch.tensor(sample[0], dtype=torch.long)
+    window = min(int(model.config.n_positions), 256)
+    report.sample, report.sample_tokens = sample[1], int(ids.numel())
+    report.reference_loss = sequence_loss(model, ids, window)
+    for precision in chain:
+        candidate = to_precision(model, precision)
+        loss = sequence_loss(candidate, ids, window) if candidate is not model else report.reference_loss
+        delta = (loss - report.reference_loss) / report.reference_loss
+        if abs(delta) <= tolerance or precision == "float32":
+            report.chosen, report.loss, report.loss_delta = precision, loss, delta
+            break
+        report.rejected[precision] = delta
+        log.warning("precision %s rejected: loss %.5f vs fp32 %.5f (%+.3f%%, tolerance %.3f%%); trying the next",
+                    precision, loss, report.reference_loss, 100 * delta, 100 * tolerance)
+        del candidate
+    log.info("precision %s chosen (requested %s): loss %.5f vs fp32 %.5f (%+.4f%%) on %d tokens of %s",
+             report.chosen, requested, report.loss, report.reference_loss, 100 * report.loss_delta,
+             report.sample_tokens, report.sample)
+    return candidate, report
+
+
+def load_model(folder: Path, requested: str, device: torch.device, tokenizer: Any, *,
+               tolerance: float = DEFAULT_TOLERANCE) -> tuple[nn.Module, PrecisionReport]:
+    """Load the HF folder in fp32 on `device`, then `select` its precision (see there); returns (model, report).
+
+    On GPU the weights are loaded straight in the chosen float dtype (no fp32 copy, no check), as before."""
+    from transformers import AutoModelForCausalLM
+
+    chain = plan(requested, device)
+    if device.type != "cpu" or chain == ["float32"]:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=FLOAT_DTYPES[chain[0]]).to(device).eval()
+        return select(model, requested, device, None, tolerance=tolerance)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    sample = load_sample(folder, tokenizer, int(model.config.vocab_size))
+    return select(model, requested, device, sample, tolerance=tolerance)
