@@ -411,7 +411,7 @@ def info_body(state: ServingState) -> dict:
         models[name] = {
             "version": w.version, "created": w.manifest.get("created"), "folder": w.folder, "device": str(w.device),
             "dtype": str(next(w.model.parameters()).dtype).replace("torch.", "") if w.model is not None else None,
-            "n_ctx": w.n_ctx, "metrics": w.manifest.get("metrics", {}),
+            "n_ctx": w.n_ctx, "metrics": w.manifest.get("metrics", {}), "precision": getattr(w, "precision", None),
             "files": [{k: f[k] for k in ("path", "size", "sha256")} for f in w.manifest.get("files", [])],
             "queue_depth": w.queue_depth,
         }

@@ -195,7 +195,8 @@ def main(argv: list[str]) -> int:
     metrics = Metrics()
     engine = Engine(EngineOptions(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
                                   max_queue=settings.max_queue, cache_size=settings.cache_size,
-                                  cache_ttl=settings.cache_ttl, cpu_threads=settings.cpu_threads), metrics)
+                                  cache_ttl=settings.cache_ttl, cpu_threads=settings.cpu_threads,
+                                  precision_tolerance=settings.precision_tolerance), metrics)
     node = Node(settings, engine, Syncer(settings), metrics)
     node.initial()
     state = ServingState(engine, settings, metrics, expected=node.expected)

@@ -13,6 +13,7 @@ from typing import Any, Hashable
 import torch
 from cachetools import TTLCache
 
+from serving import precision
 from serving.batcher import ModelWorker, QueueFull, Retired
 from serving.generation import Generation
 from serving.sampling import SamplingParams
@@ -53,6 +54,7 @@ class EngineOptions:
     cache_size: int = 256
     cache_ttl: float = 300.0
     cpu_threads: int = 0
+    precision_tolerance: float = precision.DEFAULT_TOLERANCE
 
 
 def configure_cpu_threads(requested: int) -> int:
@@ -66,20 +68,23 @@ def configure_cpu_threads(requested: int) -> int:
 
 def load_worker(name: str, version: str, folder: Path, manifest: dict, opts: EngineOptions, metrics: Any) -> ModelWorker:
     """Load a verified cache folder and warm it with a real prefill + decode step; raises LoadError on any failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = resolve_device(opts.device)
     started = time.monotonic()
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(opts.dtype, device)).to(device).eval()
         # The Rust tokenizer underneath: encode (API threads) and decode (worker) share it without locks.
         tok = AutoTokenizer.from_pretrained(folder).backend_tokenizer
+        model, chosen = precision.load_model(folder, opts.dtype, device, tok, tolerance=opts.precision_tolerance)
         worker = ModelWorker(name, version, str(folder), model, tok, manifest, max_batch_size=opts.max_batch_size,
                              max_queue=opts.max_queue, metrics=metrics)
+        worker.precision = chosen.as_dict()  # shown in /info; see serving/precision.py
         probe = probe_generation(worker, max_tokens=2)
         worker.run_batch([probe])
         if probe.error is not None or probe.finish_reason is None:
             raise LoadError(f"warm-up generation failed: {probe.error}")
+        if metrics is not None:
+            metrics.set_precision(name, chosen)
     except LoadError:
         raise
     except Exception as e:  # any failure to load (bad weights, bad tokenizer, OOM) keeps the old version serving

@@ -63,6 +63,11 @@ class Metrics:
                              ["model", "kind"], registry=r)
         self.cancelled = Counter("textmill_cancelled", "generations cancelled because every client left", ["model"],
                                  registry=r)
+        self.precision = Gauge("textmill_model_precision_info", "1 for the precision each model's live version runs in",
+                               ["model", "precision", "requested"], registry=r)
+        self.precision_loss_delta = Gauge("textmill_model_precision_loss_delta", "relative validation-loss change of "
+                                          "the chosen precision versus fp32 (0.001 = +0.1 %)", ["model"], registry=r)
+        self._precision_labels: dict[str, tuple[str, str, str]] = {}
         self.oom_total = Counter("textmill_out_of_memory", "batches that ran out of memory", ["model"], registry=r)
         self._register_gpu()
 
@@ -83,3 +88,12 @@ class Metrics:
             except KeyError:
                 pass  # never set (first load after a failed one)
         self.model_version.labels(model, version).set(1)
+
+    def set_precision(self, model: str, report) -> None:
+        """Gauges for the precision a model's new live version chose (a `serving.precision.PrecisionReport`)."""
+        old = self._precision_labels.pop(model, None)
+        if old is not None:  # the previous version's choice
+            self.precision.remove(*old)
+        self._precision_labels[model] = (model, report.chosen, report.requested)
+        self.precision.labels(model, report.chosen, report.requested).set(1)
+        self.precision_loss_delta.labels(model).set(report.loss_delta if report.loss_delta is not None else float("nan"))
