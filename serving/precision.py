@@ -155,7 +155,7 @@ def quantize_int8(model: nn.Module, *, lm_head: bool = True) -> nn.Module:
     with warnings.catch_warnings():
         # torch >= 2.9 marks torch.ao.quantization deprecated in favour of torchao; its dynamic int8 Linear kernels are
         # still the fast x86 path in this torch. Silenced here so every model load does not print a page of warnings.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated", category=UserWarning)
         return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
 
