@@ -242,7 +242,8 @@ def ratios(report: dict, clients_key: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["medium", "tiny"], default="medium")
-    p.add_argument("--export", type=Path, help="HF export folder to serve (default: built for --size)")
+    p.add_argument("--export", type=Path, help="HF export folder to serve; a medium one is built there when missing "
+                   "(default: built in a temp folder)")
     p.add_argument("--precisions", default="int8,bfloat16,float32", help="textmill serving.dtype values to run")
     p.add_argument("--threads", default="1", help="textmill serving.cpu_threads values to run (comma-separated)")
     p.add_argument("--baseline-threads", type=int, default=1, help="torch threads of the baseline server")
@@ -269,14 +270,14 @@ def main() -> None:
     clients_key = f"{args.clients}_clients"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.export:
+        if args.export and (args.export / "model.safetensors").is_file():
             export = args.export
         elif args.size == "tiny":
             from tests.fixtures.models import make_tiny_export
 
             export = make_tiny_export(work / "export", n_ctx=256, vocab_size=4096)
         else:
-            export = medium_export(work / "export")
+            export = medium_export(args.export or work / "export")  # built once into --export when given
         report = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "loadavg_start": os.getloadavg(),
                   "export": str(export), "size": args.size, "clients": args.clients,
                   "requests_per_client": args.requests, "max_tokens": args.max_tokens,
