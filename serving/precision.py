@@ -2,10 +2,10 @@
 
 `serving.dtype` asks for a precision; `plan()` turns the request into an ordered list of candidates (fastest first) for
 the device, and `select()` keeps the first candidate whose loss on a validation sample is within `tolerance` (relative)
-of the fp32 model's. On CPU, `auto` and `int8` try `int8` (every Linear, lm_head included), then `int8_body` (lm_head
+of the fp32 model's. On CPU, `auto` and `int8` try `int8` (W8A8 per-token, every Linear, lm_head included), then `int8_body` (lm_head
 kept fp32), then `bfloat16` (only where the CPU has native bf16: AVX512-BF16 or AMX), then `float32`, which always
-passes. On GPU the request resolves as before (auto = bf16, or fp16 without bf16 support) with no check: dynamic int8
-is a CPU kernel.
+passes. On GPU the request resolves as before (auto = bf16, or fp16 without bf16 support) with no check: int8 is
+built for CPU here.
 
 The validation sample is `val_sample.json` in the version's folder (written by `textmill convert --tokens`, published
 with the version and verified against its MANIFEST like any other file); a version without one is checked on a short
@@ -18,7 +18,6 @@ import copy
 import json
 import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -90,8 +89,12 @@ def cpu_supports_bf16() -> bool:
 
 
 def int8_supported() -> bool:
-    """A quantized CPU engine (x86/fbgemm, onednn or qnnpack) is built into this torch."""
-    return any(e != "none" for e in torch.backends.quantized.supported_engines)
+    """This torch has the int8 x int8 -> int32 CPU matmul (`torch._int_mm`, torch >= 2.3) that Int8Linear uses."""
+    try:
+        one = torch.ones(1, 8, dtype=torch.int8)
+        return int(torch._int_mm(one, one.t())) == 8
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def plan(requested: str, device: torch.device) -> list[str]:
@@ -141,23 +144,51 @@ def conv1d_to_linear(model: nn.Module) -> int:
     return replaced
 
 
+class Int8Linear(nn.Module):
+    """W8A8 Linear: int8 weights (symmetric, one scale per output channel) times int8 activations (symmetric, one scale
+    per token = per input row, computed at run time), accumulated exactly in int32 by `torch._int_mm`, rescaled to fp32.
+
+    Per-token (not per-batch) activation scales plus exact integer accumulation make a row's output independent of the
+    other rows of the batch, so sampled text stays independent of batch-mates, as in fp32. (torch.ao's
+    `quantize_dynamic` uses one scale per batch: faster at batch 8 on fbgemm, but it changed 7 of 90 sampled
+    sequences when batched; measured in bench/RESULTS.md.) Scheme as LLM.int8()/SmoothQuant's per-token W8A8 without
+    outlier handling; the quality check decides whether a model tolerates it.
+
+    Input [..., in_features] float; output [..., out_features] fp32."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        q = torch.round(rows / scale).to(torch.int8)
+        # The transposed view (not a contiguous copy) is what the CPU kernel is fastest on.
+        y = torch._int_mm(q, self.weight_int8.t()).float().mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 per-token"
+
+
 def quantize_int8(model: nn.Module, *, lm_head: bool = True) -> nn.Module:
-    """Dynamic int8 (weights per-channel-free qint8, activations quantized per batch at run time) on every Linear of a
-    GPT-2 model, in place; `lm_head=False` keeps the output projection in fp32. Conv1D layers are converted first.
-
-    Uses `torch.ao.quantization.quantize_dynamic` (x86/fbgemm kernels on CPU). The tied input embedding stays fp32;
-    a quantized lm_head holds its own packed int8 copy of it. Returns the model (CPU, fp32 otherwise)."""
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
+    """Replace every Linear of a GPT-2 model by `Int8Linear` in place (Conv1D layers are converted first);
+    `lm_head=False` keeps the output projection in fp32. The tied input embedding stays fp32; a quantized lm_head holds
+    its own int8 copy of it. Returns the model (CPU)."""
     conv1d_to_linear(model)
-    spec = {name: default_dynamic_qconfig for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (lm_head or name != "lm_head")}
-    with warnings.catch_warnings():
-        # torch >= 2.9 marks torch.ao.quantization deprecated in favour of torchao; its dynamic int8 Linear kernels are
-        # still the fast x86 path in this torch. Silenced here so every model load does not print a page of warnings.
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated", category=UserWarning)
-        return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and (lm_head or child is not getattr(model, "lm_head", None)):
+                setattr(parent, name, Int8Linear(child))
+    return model
 
 
 def to_precision(model: nn.Module, precision: str) -> nn.Module:

@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 import torch
-from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from serving import precision
 from serving.engine import Engine, EngineOptions
@@ -83,9 +82,44 @@ def test_int8_quantizes_every_linear_and_stays_within_tolerance(trained):
     assert report.chosen == "int8" and report.rejected == {}
     assert abs(report.loss_delta) <= precision.DEFAULT_TOLERANCE
     assert report.loss == pytest.approx(report.reference_loss * (1 + report.loss_delta))
-    assert isinstance(chosen.lm_head, DynamicInt8Linear)
-    assert sum(isinstance(m, DynamicInt8Linear) for m in chosen.modules()) == 4 * model.config.n_layer + 1
-    assert not isinstance(model.lm_head, DynamicInt8Linear)  # the fp32 model given in is left as it was
+    assert isinstance(chosen.lm_head, precision.Int8Linear)
+    assert sum(isinstance(m, precision.Int8Linear) for m in chosen.modules()) == 4 * model.config.n_layer + 1
+    assert not isinstance(model.lm_head, precision.Int8Linear)  # the fp32 model given in is left as it was
+
+
+def test_int8_rows_do_not_depend_on_their_batch_mates():
+    """Per-token activation scales + exact int32 accumulation: a row's output is bit-identical alone or batched,
+    whatever the other rows hold (an outlier row, padding) — the property per-batch dynamic quantization breaks."""
+    layer = precision.Int8Linear(torch.nn.Linear(64, 96))
+    x = torch.randn(5, 64)
+    batched = layer(torch.cat([x, 100 * torch.randn(3, 64), torch.zeros(1, 64)]))
+    assert all(torch.equal(layer(x[i:i + 1])[0], batched[i]) for i in range(5))
+    assert (batched[:5] - torch.nn.functional.linear(x, layer.weight_int8 * layer.weight_scale[:, None], layer.bias)
+            ).abs().max() < 0.05 * batched[:5].abs().max()   # and it is still the same linear map, to int8 accuracy
+
+
+def test_int8_engine_text_is_the_same_alone_or_batched(tiny_export):
+    engine = Engine(EngineOptions(device="cpu", dtype="int8", max_batch_size=8))
+    try:
+        assert engine.swap(MODEL, "v1", tiny_export, {"files": []})
+        worker = engine.worker(MODEL)
+        assert worker.precision["chosen"] == "int8"
+        prompts = ["The quick", "Once upon a time there was", "A", "This package provides a small library",
+                   "Serving nodes pull new", "Permission is"]
+
+        def gen(prompt: str, seed: int, **params) -> Generation:
+            return Generation(prompt, MODEL, "v1", prompt, worker.encode(prompt),
+                              SamplingParams(max_tokens=20, seed=seed, **params))
+
+        for seed, params in ((1, {}), (2, {"top_p": 0.9}), (3, {"temperature": 0.7, "top_k": 40})):
+            alone = [gen(p, seed, **params) for p in prompts]
+            for g in alone:
+                worker.run_batch([g])
+            batch = [gen(p, seed, **params) for p in prompts]   # different lengths: left padding in one batch
+            worker.run_batch(batch)
+            assert [g.text for g in batch] == [g.text for g in alone]
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("requested", ["auto", "int8", "bfloat16"])
@@ -102,9 +136,9 @@ def test_impossible_tolerance_falls_back_to_fp32_logged(trained, caplog, request
 def test_the_first_candidate_that_passes_wins(trained):
     model, _, sample = trained
     chosen, report = precision.select(model, "auto", CPU, sample, tolerance=0.5)
-    assert report.chosen == "int8" and report.rejected == {} and isinstance(chosen.lm_head, DynamicInt8Linear)
+    assert report.chosen == "int8" and report.rejected == {} and isinstance(chosen.lm_head, precision.Int8Linear)
     body = precision.to_precision(model, "int8_body")
-    assert isinstance(body.transformer.h[1].attn.c_proj, DynamicInt8Linear) and isinstance(body.lm_head, torch.nn.Linear)
+    assert isinstance(body.transformer.h[1].attn.c_proj, precision.Int8Linear) and isinstance(body.lm_head, torch.nn.Linear)
     assert precision.to_precision(model, "bfloat16").lm_head.weight.dtype == torch.bfloat16
     assert model.lm_head.weight.dtype == torch.float32    # conversions copy; the fp32 reference stays intact
 
