@@ -1,4 +1,4 @@
-"""Reduced-precision inference: GPT-2 Conv1D -> Linear, dynamic int8, bf16, and the loss check that picks one per version.
+"""Reduced-precision inference: GPT-2 Conv1D -> Linear, W8A8 int8, bf16, and the loss check that picks one per version.
 
 `serving.dtype` asks for a precision; `plan()` turns the request into an ordered list of candidates (fastest first) for
 the device, and `select()` keeps the first candidate whose loss on a validation sample is within `tolerance` (relative)
@@ -100,7 +100,7 @@ def int8_supported() -> bool:
 def plan(requested: str, device: torch.device) -> list[str]:
     """Candidate precisions for `requested` on `device`, fastest first; the last one is the fallback that always passes.
 
-    Raises ValueError for a value outside PRECISIONS, or int8 on a non-CPU device (dynamic int8 is a CPU kernel)."""
+    Raises ValueError for a value outside PRECISIONS, or int8 on a non-CPU device (Int8Linear is built for CPU)."""
     if requested not in PRECISIONS:
         raise ValueError(f"serving.dtype={requested!r} is invalid; choose one of {list(PRECISIONS)}")
     if device.type != "cpu":
@@ -253,18 +253,19 @@ def load_sample(folder: Path, tokenizer: Any, vocab_size: int, max_tokens: int =
 
 def select(model: nn.Module, requested: str, device: torch.device, sample: tuple[list[int], str] | None, *,
            tolerance: float = DEFAULT_TOLERANCE) -> tuple[nn.Module, PrecisionReport]:
-    """The fastest candidate of `plan(requested, device)` whose loss on `sample` is within `tolerance` (relative) of the
-    fp32 `model`'s, and the report of the choice. `model` is fp32 on `device`, in eval mode; it is returned unchanged
-    when float32 wins, else a converted copy is (the fp32 one can then be freed). On GPU, or when float32 is the only
-    candidate, no check runs and `sample` may be None."""
+    """The fastest candidate of `plan(requested, device)` whose loss on `sample` (token ids, where they came from) is
+    within `tolerance` (relative) of the fp32 `model`'s, and the report of the choice. `model` is fp32 on `device`, in
+    eval mode; it is returned unchanged when float32 wins, else a converted copy is (the fp32 one can then be freed).
+    On GPU, or when float32 is the only candidate, no check runs and `sample` may be None. Raises ValueError for a bad
+    `requested` or `tolerance`, or a missing/too short sample."""
     if tolerance < 0 or not math.isfinite(tolerance):
         raise ValueError(f"precision tolerance must be a finite number >= 0, got {tolerance}")
     chain = plan(requested, device)
     report = PrecisionReport(requested=requested, chosen=chain[0], device=str(device), tolerance=tolerance)
-    if device.type != "cpu" or chain == ["float32"] or sample is None:
-        if chain[0] in FLOAT_DTYPES:
-            model = model.to(FLOAT_DTYPES[chain[0]])
-        return model, report
+    if device.type != "cpu" or chain == ["float32"]:
+        return model.to(FLOAT_DTYPES[chain[0]]), report
+    if sample is None:
+        raise ValueError(f"serving.dtype={requested}: choosing among {chain} on CPU needs a sample to score")
     ids = torch.tensor(sample[0], dtype=torch.long)
     window = min(int(model.config.n_positions), 256)
     report.sample, report.sample_tokens = sample[1], int(ids.numel())
