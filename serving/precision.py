@@ -1,10 +1,10 @@
 """Reduced-precision inference: GPT-2 Conv1D -> Linear, W8A8 int8, bf16, and the loss check that picks one per version.
 
-`serving.dtype` asks for a precision; `plan()` turns the request into an ordered list of candidates (fastest first) for
-the device, and `select()` keeps the first candidate whose loss on a validation sample is within `tolerance` (relative)
-of the fp32 model's. On CPU, `auto` and `int8` try `int8` (W8A8 per-token, every Linear, lm_head included), then `int8_body` (lm_head
-kept fp32), then `bfloat16` (only where the CPU has native bf16: AVX512-BF16 or AMX), then `float32`, which always
-passes. On GPU the request resolves as before (auto = bf16, or fp16 without bf16 support) with no check: int8 is
+`serving.dtype` asks for a precision; `plan()` turns the request into an ordered list of candidates for the device, and
+`select()` keeps those whose loss on a validation sample is within `tolerance` (relative) of the fp32 model's: an
+explicit request takes the first that passes, `auto` the one whose decode step measures fastest on this machine. On
+CPU, `auto` and `int8` try `int8` (W8A8 per-token, every Linear, lm_head included), then `int8_body` (lm_head kept
+fp32), then `bfloat16` (only where the CPU has native bf16: AVX512-BF16 or AMX), then `float32`, which always passes. On GPU the request resolves as before (auto = bf16, or fp16 without bf16 support) with no check: int8 is
 built for CPU here.
 
 The validation sample is `val_sample.json` in the version's folder (written by `textmill convert --tokens`, published
@@ -57,6 +57,7 @@ class PrecisionReport:
     loss: float | None = None
     loss_delta: float | None = None
     rejected: dict[str, float] = field(default_factory=dict)   # candidate -> its relative loss delta
+    decode_tokens_per_s: dict[str, float] = field(default_factory=dict)   # auto: passing candidate -> measured speed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,8 +254,9 @@ def load_sample(folder: Path, tokenizer: Any, vocab_size: int, max_tokens: int =
 
 def select(model: nn.Module, requested: str, device: torch.device, sample: tuple[list[int], str] | None, *,
            tolerance: float = DEFAULT_TOLERANCE) -> tuple[nn.Module, PrecisionReport]:
-    """The fastest candidate of `plan(requested, device)` whose loss on `sample` (token ids, where they came from) is
-    within `tolerance` (relative) of the fp32 `model`'s, and the report of the choice. `model` is fp32 on `device`, in
+    """For `auto`, the candidate of `plan(requested, device)` with the fastest measured decode (`decode_speed`) among
+    those whose loss on `sample` (token ids, where they came from) is within `tolerance` (relative) of the fp32
+    `model`'s; for an explicit request, the first candidate of its chain that passes. Returns (model, report). `model` is fp32 on `device`, in
     eval mode; it is returned unchanged when float32 wins, else a converted copy is (the fp32 one can then be freed).
     On GPU, or when float32 is the only candidate, no check runs and `sample` may be None. Raises ValueError for a bad
     `requested` or `tolerance`, or a missing/too short sample."""
@@ -270,21 +272,52 @@ def select(model: nn.Module, requested: str, device: torch.device, sample: tuple
     window = min(int(model.config.n_positions), 256)
     report.sample, report.sample_tokens = sample[1], int(ids.numel())
     report.reference_loss = sequence_loss(model, ids, window)
+    if not math.isfinite(report.reference_loss) or report.reference_loss <= 0:
+        raise ValueError(f"the fp32 model's loss on the quality sample ({sample[1]}) is {report.reference_loss}: "
+                         f"broken weights? (the version is not loaded)")
+    best: tuple[float, str, nn.Module, float, float] | None = None   # (decode tok/s, precision, model, loss, delta)
     for precision in chain:
+        if best is not None and requested != "auto":
+            break       # an explicit request takes the first candidate that passes
+        if precision == "int8_body" and best is not None and best[1] == "int8":
+            continue    # int8_body only stands in for an int8 that failed the check
         candidate = to_precision(model, precision)
         loss = sequence_loss(candidate, ids, window) if candidate is not model else report.reference_loss
         delta = (loss - report.reference_loss) / report.reference_loss
-        if abs(delta) <= tolerance or precision == "float32":
-            report.chosen, report.loss, report.loss_delta = precision, loss, delta
-            break
-        report.rejected[precision] = delta
-        log.warning("precision %s rejected: loss %.5f vs fp32 %.5f (%+.3f%%, tolerance %.3f%%); trying the next",
-                    precision, loss, report.reference_loss, 100 * delta, 100 * tolerance)
+        if not abs(delta) <= tolerance and precision != "float32":   # a NaN loss fails too
+            report.rejected[precision] = delta
+            log.warning("precision %s rejected: loss %.5f vs fp32 %.5f (%+.3f%%, tolerance %.3f%%); trying the next",
+                        precision, loss, report.reference_loss, 100 * delta, 100 * tolerance)
+            continue
+        speed = 0.0
+        if requested == "auto":   # an explicit request is not timed (it stops at the first candidate that passes)
+            speed = decode_speed(candidate)
+            report.decode_tokens_per_s[precision] = round(speed, 2)
+        if best is None or speed > best[0]:
+            best = (speed, precision, candidate, loss, delta)
         del candidate
-    log.info("precision %s chosen (requested %s): loss %.5f vs fp32 %.5f (%+.4f%%) on %d tokens of %s",
-             report.chosen, requested, report.loss, report.reference_loss, 100 * report.loss_delta,
-             report.sample_tokens, report.sample)
-    return candidate, report
+    _, report.chosen, chosen, report.loss, report.loss_delta = best
+    log.info("precision %s chosen (requested %s): loss %.5f vs fp32 %.5f (%+.4f%%) on %d tokens of %s; decode "
+             "tokens/s measured %s", report.chosen, requested, report.loss, report.reference_loss,
+             100 * report.loss_delta, report.sample_tokens, report.sample, report.decode_tokens_per_s or "-")
+    return chosen, report
+
+
+@torch.inference_mode()
+def decode_speed(model: nn.Module, prompt_tokens: int = 16, steps: int = 4) -> float:
+    """Single-sequence decode speed (tokens/s) of a causal LM: the fastest of `steps` one-token steps on a KV cache
+    after a `prompt_tokens` prefill. The fastest step, not the mean, so that a burst of other work on a shared machine
+    does not decide the precision."""
+    import time
+
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.zeros((1, prompt_tokens), dtype=torch.long, device=device), use_cache=True)
+    past, token, fastest = out.past_key_values, torch.zeros((1, 1), dtype=torch.long, device=device), float("inf")
+    for _ in range(steps):
+        started = time.perf_counter()
+        past = model(input_ids=token, past_key_values=past, use_cache=True).past_key_values
+        fastest = min(fastest, time.perf_counter() - started)
+    return 1.0 / fastest
 
 
 def load_model(folder: Path, requested: str, device: torch.device, tokenizer: Any, *,

@@ -135,12 +135,30 @@ def test_impossible_tolerance_falls_back_to_fp32_logged(trained, caplog, request
 
 def test_the_first_candidate_that_passes_wins(trained):
     model, _, sample = trained
-    chosen, report = precision.select(model, "auto", CPU, sample, tolerance=0.5)
+    chosen, report = precision.select(model, "int8", CPU, sample, tolerance=0.5)
     assert report.chosen == "int8" and report.rejected == {} and isinstance(chosen.lm_head, precision.Int8Linear)
     body = precision.to_precision(model, "int8_body")
-    assert isinstance(body.transformer.h[1].attn.c_proj, precision.Int8Linear) and isinstance(body.lm_head, torch.nn.Linear)
+    assert isinstance(body.transformer.h[1].attn.c_proj, precision.Int8Linear)
+    assert type(body.lm_head) is torch.nn.Linear
     assert precision.to_precision(model, "bfloat16").lm_head.weight.dtype == torch.bfloat16
     assert model.lm_head.weight.dtype == torch.float32    # conversions copy; the fp32 reference stays intact
+
+
+def test_auto_takes_the_fastest_measured_of_those_that_pass(trained):
+    model, _, sample = trained
+    chosen, report = precision.select(model, "auto", CPU, sample, tolerance=0.5)
+    passing = [p for p in precision.plan("auto", CPU) if p != "int8_body"]   # int8 passed, so int8_body is not tried
+    assert list(report.decode_tokens_per_s) == passing and report.rejected == {}
+    assert report.chosen == max(report.decode_tokens_per_s, key=report.decode_tokens_per_s.get)
+    assert (chosen is model) == (report.chosen == "float32")
+
+
+def test_a_model_with_non_finite_loss_is_refused_not_served(tiny_export):
+    model, tok = load_export(tiny_export)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="loss on the quality sample .* is nan"):
+        precision.select(model, "auto", CPU, (tok.encode("The quick brown fox").ids, "t"))
 
 
 def test_plan_orders_candidates_fastest_first_and_refuses_bad_requests():
@@ -166,9 +184,11 @@ def test_auto_records_its_choice_in_the_engine_and_metrics(tiny_export):
     try:
         assert engine.swap(MODEL, "v1", tiny_export, {"files": []})
         info = engine.worker(MODEL).precision
-        assert info["requested"] == "auto" and info["chosen"] == "int8" and info["sample"] == "shipped text"
+        assert info["requested"] == "auto" and info["sample"] == "shipped text"
+        speeds = info["decode_tokens_per_s"]
+        assert "float32" in speeds and info["chosen"] == max(speeds, key=speeds.get)
         assert info["sample_tokens"] > 100 and abs(info["loss_delta"]) <= info["tolerance"] == 0.01
-        labels = {"model": MODEL, "precision": "int8", "requested": "auto"}
+        labels = {"model": MODEL, "precision": info["chosen"], "requested": "auto"}
         assert metrics.registry.get_sample_value("textmill_model_precision_info", labels) == 1
         assert metrics.registry.get_sample_value("textmill_model_precision_loss_delta",
                                                  {"model": MODEL}) == pytest.approx(info["loss_delta"])
@@ -276,7 +296,7 @@ def test_server_with_dtype_int8_answers_completions(tiny_export, tmp_path):
         assert again.choices[0].text == resp.choices[0].text  # greedy int8 is deterministic
         info = httpx.get(proc.url + "/info", headers=proc.headers(), timeout=10).json()
         chosen = info["models"][MODEL]["precision"]
-        assert chosen["requested"] == "int8" and chosen["chosen"] == "int8"
+        assert chosen["requested"] == "int8" and chosen["chosen"] == "int8" and chosen["decode_tokens_per_s"] == {}
         assert proc.metric("textmill_model_precision_info", model=MODEL, precision="int8") == 1
         assert abs(proc.metric("textmill_model_precision_loss_delta", model=MODEL)) <= 0.01
     finally:
