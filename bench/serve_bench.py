@@ -218,7 +218,7 @@ def quality_deltas(export: Path, precisions: list[str]) -> dict:
     ref = precision.sequence_loss(model, ids, 256)
     out = {"sample": source, "sample_tokens": int(ids.numel()), "float32_loss": round(ref, 5)}
     for p in precisions:
-        if p != "float32":
+        if p not in ("float32", "auto"):   # auto's delta is that of what it chose, reported per run
             loss = precision.sequence_loss(precision.to_precision(model, p), ids, 256)
             out[p] = round((loss - ref) / ref, 6)
     return out
@@ -300,7 +300,7 @@ def main() -> None:
                 try:
                     info = httpx.get(url + "/info", timeout=30).json()["models"][MODEL]["precision"]
                     run = measure(url, True, args)
-                    run["precision"] = {k: info[k] for k in ("chosen", "loss_delta", "rejected")}
+                    run["precision"] = {k: info[k] for k in ("chosen", "loss_delta", "rejected", "decode_tokens_per_s")}
                     report["textmill"][f"{dtype}/threads={n}"] = run
                 finally:
                     proc.terminate()
