@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="compare TF and transformers logits/greedy text and both tokenizers; fail on any difference")
     p.add_argument("--tokens", type=Path, default=None,
-                   help="token dataset folder (data/tokens/<model>): --verify checks the tokenizer on decoded val.bin")
+                   help="token dataset folder (data/tokens/<model>): the head of val.bin is written to the export as "
+                        "val_sample.json (serving checks int8/bf16 quality on it); --verify also checks the tokenizer "
+                        "on it")
     p.add_argument("--hash-source", action="store_true",
                    help="also sha256 the checkpoint's .data files for provenance (default: the .index, whose per-tensor "
                         "CRC32C TF verifies on every read)")
@@ -61,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.tokens is not None and not args.verify:
-        raise UserError("--tokens is only used by --verify; add --verify or drop --tokens")
     record = CONVERTERS[source_kind(args.src)](args.src, args.dst, args)
     summary = {"dst": str(args.dst), "layout": record["source"]["layout"], "step": record["source"]["step"],
                "dtype": record["dtype"], "skipped_variables": len(record["skipped_variables"]),

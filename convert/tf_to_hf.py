@@ -21,6 +21,7 @@ from tqdm import tqdm
 from convert.names import TIED, expected_key_count, hf_key, hf_shapes
 from convert.sources import Source
 from convert.stream import SafetensorsWriter
+from convert.val_sample import write_val_sample
 from textmill import tokenizer as textmill_tok
 from textmill.errors import UserError
 from textmill.sizes import Hparams, to_hf_config_kwargs
@@ -200,6 +201,8 @@ def convert(src: Source, dst: str | Path, *, dtype: str = "float32", verify: boo
         source_hashes = hasher.submit(hash_files, to_hash)
         write_configs(hp, textmill_tok.eot_id(tok), tmp, dtype)
         textmill_tok.save_hf(tok, tmp, model_max_length=hp.n_ctx)
+        if tokens_dir is not None:  # the sample serving checks reduced precisions on (convert/val_sample.py)
+            write_val_sample(tok, tokens_dir, tmp)
         small = hash_files(list(tmp.iterdir()))
         tok_sha256 = textmill_tok.checksum(tok)
         weights_sha256 = write_weights(src, hp, names, tmp, dtype)

@@ -96,19 +96,10 @@ def sample_text(tok: Tokenizer, tokens_dir: str | Path | None) -> tuple[str, str
     """(text, where it came from): decoded val.bin head with --tokens, else the built-in multilingual sample."""
     if tokens_dir is None:
         return BUILTIN_SAMPLE, "builtin"
-    from training.data import load_meta, open_tokens
+    from convert.val_sample import checked_val_ids
 
-    recorded = load_meta(tokens_dir).get("tokenizer_checksum")
-    if recorded is not None and recorded != textmill_tok.checksum(tok):
-        raise UserError(f"{tokens_dir}/meta.json: tokenizer_checksum differs from the checkpoint's encoder.json/vocab.bpe; "
-                        f"these tokens were made with another tokenizer (pass the model's own data/tokens/<model>)")
-    ids = open_tokens(tokens_dir, "val")[:SAMPLE_TOKENS]
-    if len(ids) == 0:
-        raise UserError(f"{tokens_dir}/val.bin: empty; drop --tokens to verify the tokenizer on the built-in sample")
-    if int(ids.max()) >= textmill_tok.vocab_size(tok):
-        raise UserError(f"{tokens_dir}/val.bin: holds id {int(ids.max())} beyond the model's vocabulary "
-                        f"({textmill_tok.vocab_size(tok)}); these tokens were made with another tokenizer")
-    return tok.decode([int(i) for i in ids], skip_special_tokens=False), f"{tokens_dir}/val.bin[:{len(ids)}]"
+    ids = checked_val_ids(tok, tokens_dir, SAMPLE_TOKENS)
+    return tok.decode(ids, skip_special_tokens=False), f"{tokens_dir}/val.bin[:{len(ids)}]"
 
 
 def compare_tokenizers(hf_dir: Path, tok: Tokenizer, tokens_dir: str | Path | None) -> dict[str, Any]:

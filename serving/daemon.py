@@ -275,7 +275,8 @@ def main(argv: list[str]) -> int:
     engine = Engine(EngineOptions(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
                                   max_queue=settings.max_queue, cache_size=settings.cache_size,
                                   cache_ttl=settings.cache_ttl, cpu_threads=settings.cpu_threads,
-                                  engine=settings.engine, cache_url=settings.cache_url), metrics)
+                                  engine=settings.engine, cache_url=settings.cache_url,
+                                  precision_tolerance=settings.precision_tolerance), metrics)
     node = Node(settings, engine, Syncer(settings), metrics)
     try:
         node.initial()

@@ -19,6 +19,7 @@ from serving.engines import engine_class
 from serving.engines.base import EngineHealth, EngineSpec, LoadError, ModelEngine, QueueFull, Retired
 from serving.generation import Generation
 from serving.loading import resolve_device, resolve_dtype
+from serving.precision import DEFAULT_TOLERANCE
 from serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class EngineOptions:
     cpu_threads: int = 0
     engine: str = "batching"      # a key of serving.engines.ENGINES
     cache_url: str = ""          # '' = node-local LRU; redis://... = shared by the fleet
+    precision_tolerance: float = DEFAULT_TOLERANCE  # reduced precision may cost at most this much val loss
 
 
 def configure_cpu_threads(requested: int) -> int:
@@ -58,10 +60,13 @@ def load_engine(name: str, version: str, folder: Path, manifest: dict, opts: Eng
     """Load a verified cache folder with the configured engine and warm it; raises LoadError on any failure."""
     started = time.monotonic()
     spec = EngineSpec(name, version, Path(folder), manifest, device=opts.device, dtype=opts.dtype,
-                      max_batch_size=opts.max_batch_size, max_queue=opts.max_queue)
+                      max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
+                      precision_tolerance=opts.precision_tolerance)
     try:
         engine = engine_class(opts.engine).load(spec, metrics)
         engine.warm_up()
+        if metrics is not None and engine.precision_report is not None:
+            metrics.set_precision(name, engine.precision_report)
     except LoadError:
         raise
     except Exception as e:  # an engine bug or resource failure while loading keeps the old version serving

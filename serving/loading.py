@@ -27,13 +27,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-def load_model(path: Path | str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) from an export folder: `AutoModelForCausalLM` in eval mode on `device` with `dtype`, and
+def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", *,
+               tolerance: float = 0.01) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, precision report) from an export folder: `AutoModelForCausalLM` in eval mode on `device`, in
+    the precision `serving.precision` chooses for `dtype` (auto | float32 | bfloat16 | float16 | int8: on CPU a
+    reduced precision is kept only when its loss on the version's validation sample is within `tolerance` of fp32's),
     `AutoTokenizer`'s fast tokenizer (a `transformers.PreTrainedTokenizerFast`; its `.backend_tokenizer` is the Rust
-    tokenizer the engines share across threads). Raises whatever transformers raises for a bad folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer the engines share across threads), and the `serving.precision.PrecisionReport` of that choice.
+    Raises whatever transformers raises for a bad folder, ValueError for a model whose fp32 loss is not finite."""
+    from transformers import AutoTokenizer
 
-    dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+    from serving import precision
+
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    model, report = precision.load_model(Path(path), dtype, resolve_device(device), tokenizer.backend_tokenizer,
+                                         tolerance=tolerance)
+    return model, tokenizer, report

@@ -68,6 +68,11 @@ class Metrics:
                                  registry=r)
         self.worker_alive = Gauge("textmill_worker_alive", "1 while the live version's batching thread runs (0: /live fails)",
                                   ["model"], registry=r)
+        self.precision = Gauge("textmill_model_precision_info", "1 for the precision each model's live version runs in",
+                               ["model", "precision", "requested"], registry=r)
+        self.precision_loss_delta = Gauge("textmill_model_precision_loss_delta", "relative validation-loss change of "
+                                          "the chosen precision versus fp32 (0.001 = +0.1 %)", ["model"], registry=r)
+        self._precision_labels: dict[str, tuple[str, str, str]] = {}
         self.oom_total = Counter("textmill_out_of_memory", "batches that ran out of memory", ["model"], registry=r)
         self.internal_errors = Counter("textmill_internal_errors", "unexpected exceptions answered with a 500 "
                                        "(traceback logged with the request id)", ["endpoint"], registry=r)
@@ -93,3 +98,12 @@ class Metrics:
             except KeyError:
                 pass  # never set (first load after a failed one)
         self.model_version.labels(model, version).set(1)
+
+    def set_precision(self, model: str, report) -> None:
+        """Gauges for the precision a model's new live version chose (a `serving.precision.PrecisionReport`)."""
+        old = self._precision_labels.pop(model, None)
+        if old is not None:  # the previous version's choice
+            self.precision.remove(*old)
+        self._precision_labels[model] = (model, report.chosen, report.requested)
+        self.precision.labels(model, report.chosen, report.requested).set(1)
+        self.precision_loss_delta.labels(model).set(report.loss_delta if report.loss_delta is not None else float("nan"))

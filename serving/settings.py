@@ -20,7 +20,7 @@ from textmill.errors import UserError
 
 ENV_PREFIX = "TEXTMILL_"
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-DTYPES = {"auto", "float32", "float16", "bfloat16"}
+DTYPES = {"auto", "float32", "float16", "bfloat16", "int8"}
 
 
 def add_arguments(p: argparse.ArgumentParser, *, server: bool) -> None:
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser, *, server: bool) -> None:
         p.add_argument("--host")
         p.add_argument("--port", type=int)
         p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-        p.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+        p.add_argument("--dtype", help="auto | float32 | bfloat16 | int8 | float16 (see docs/serving.md, Precision)")
         p.add_argument("--poll-interval", dest="poll_interval", type=float, help="seconds between registry polls")
 
 
@@ -112,6 +112,11 @@ def validate(cfg: ServingConfig) -> ServingConfig:
 
     if cfg.engine not in ENGINES:
         raise UserError(f"serving.engine={cfg.engine!r} is not a known engine; choose one of {sorted(ENGINES)}")
+    if cfg.dtype == "int8" and cfg.device.startswith(("cuda", "mps")):
+        raise UserError(f"serving.dtype=int8 runs on CPU only; with serving.device={cfg.device} use auto or bfloat16")
+    if not 0 <= cfg.precision_tolerance < 1:
+        raise UserError(f"serving.precision_tolerance={cfg.precision_tolerance} must be in [0, 1) "
+                        f"(a fraction: 0.01 = 1 % of the fp32 validation loss)")
     for key in ("max_batch_size", "max_queue", "stream_every", "keep_versions", "cache_size", "cpu_threads"):
         if getattr(cfg, key) < (0 if key in ("keep_versions", "cpu_threads") else 1):
             raise UserError(f"serving.{key}={getattr(cfg, key)} is too small")

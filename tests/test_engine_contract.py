@@ -93,7 +93,7 @@ def test_health_reports_whether_the_worker_thread_runs(tiny_export):
 @pytest.fixture(scope="module")
 def direct(tiny_export):
     """The same export loaded straight through transformers, and an engine on it (not started: run_batch directly)."""
-    model, tok = load_model(tiny_export, "cpu", "float32")
+    model, tok, _ = load_model(tiny_export, "cpu", "float32")
     engine = BatchingEngine.load(EngineSpec(MODEL, "v1", tiny_export, device="cpu", dtype="float32",
                                             max_batch_size=8))
     return model, tok, engine

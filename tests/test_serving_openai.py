@@ -46,7 +46,7 @@ def server(tmp_path_factory, tiny_export):
 @pytest.fixture(scope="module")
 def reference(tiny_export):
     """The same export straight through transformers: (model, tokenizer)."""
-    return load_model(tiny_export, "cpu", "float32")
+    return load_model(tiny_export, "cpu", "float32")[:2]
 
 
 @pytest.fixture

@@ -187,7 +187,8 @@ class ServingConfig:
     poll_jitter: float = 0.2       # fraction of poll_interval
     keep_versions: int = 2
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"            # auto | float32 | float16 | bfloat16
+    dtype: str = "auto"            # auto | float32 | bfloat16 | int8 | float16; auto = fastest passing the loss check (CPU)
+    precision_tolerance: float = 0.01  # a reduced precision may change the validation loss by at most this fraction
     stream_every: int = 5          # WebSocket: send an update every N tokens
     max_batch_size: int = 8
     max_queue: int = 64

@@ -117,6 +117,7 @@ class EngineSpec:
     dtype: str = "auto"
     max_batch_size: int = 8
     max_queue: int = 64
+    precision_tolerance: float = 0.01   # serving.precision_tolerance: reduced precision's allowed relative loss change
 
 
 class ModelEngine(ABC):
@@ -138,6 +139,7 @@ class ModelEngine(ABC):
     vocab_size: int
     tokenizer: Any
     chat_template: str | None = None
+    precision_report: Any = None    # a serving.precision.PrecisionReport when the engine chose a precision at load
 
     @classmethod
     @abstractmethod

@@ -57,13 +57,15 @@ class BatchingEngine(ModelEngine):
     def load(cls, spec: EngineSpec, metrics: Any = None) -> "BatchingEngine":
         """Load `spec.folder` with `serving.loading.load_model`; LoadError on any failure."""
         try:
-            model, tok = load_model(spec.folder, spec.device, spec.dtype)
+            model, tok, report = load_model(spec.folder, spec.device, spec.dtype, tolerance=spec.precision_tolerance)
         except Exception as e:  # any failure to load (bad weights, bad tokenizer, OOM) keeps the old version serving
             raise LoadError(f"{type(e).__name__}: {e}") from e
         # The Rust tokenizer underneath: encode (API threads) and decode (engine thread) share it without locks.
-        return cls(spec.name, spec.version, str(spec.folder), model, tok.backend_tokenizer, spec.manifest,
-                   max_batch_size=spec.max_batch_size, max_queue=spec.max_queue, metrics=metrics,
-                   chat_template=getattr(tok, "chat_template", None) or None)
+        engine = cls(spec.name, spec.version, str(spec.folder), model, tok.backend_tokenizer, spec.manifest,
+                     max_batch_size=spec.max_batch_size, max_queue=spec.max_queue, metrics=metrics,
+                     chat_template=getattr(tok, "chat_template", None) or None)
+        engine.precision_report = report
+        return engine
 
     def warm_up(self) -> None:
         """A greedy 2-token generation from EOT run on the calling thread (the worker has not started)."""
@@ -96,8 +98,10 @@ class BatchingEngine(ModelEngine):
         return EngineHealth(alive, self.last_ok, self._queue.qsize(), detail)
 
     def stats(self) -> dict[str, Any]:
-        return {"engine": "batching", "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "queue_depth": self._queue.qsize(), "max_batch_size": self.max_batch_size}
+        dtype = self.precision_report.chosen if self.precision_report is not None else str(self.dtype).replace("torch.", "")
+        return {"engine": "batching", "device": str(self.device), "dtype": dtype,
+                "queue_depth": self._queue.qsize(), "max_batch_size": self.max_batch_size,
+                "precision": self.precision_report.as_dict() if self.precision_report is not None else None}
 
     def submit(self, gen: Sequence) -> None:
         with self._submit_lock:  # nothing may land behind the stop marker, where no one would run it

@@ -1,0 +1,336 @@
+"""Reduced-precision inference: GPT-2 Conv1D -> Linear, W8A8 int8, bf16, and the loss check that picks one per version.
+
+`serving.dtype` asks for a precision; `plan()` turns the request into an ordered list of candidates for the device, and
+`select()` keeps those whose loss on a validation sample is within `tolerance` (relative) of the fp32 model's: an
+explicit request takes the first that passes, `auto` the one whose decode step measures fastest on this machine. On
+CPU, `auto` and `int8` try `int8` (W8A8 per-token, every Linear, lm_head included), then `int8_body` (lm_head kept
+fp32), then `bfloat16` (only where the CPU has native bf16: AVX512-BF16 or AMX), then `float32`, which always passes. On GPU the request resolves as before (auto = bf16, or fp16 without bf16 support) with no check: int8 is
+built for CPU here.
+
+The validation sample is `val_sample.json` in the version's folder (written by `textmill convert --tokens`, published
+with the version and verified against its MANIFEST like any other file); a version without one is checked on a short
+English text shipped with textmill (`serving/quality_sample.txt`), tokenized with the version's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TOLERANCE", "PRECISIONS", "SAMPLE_FILE", "PrecisionReport", "conv1d_to_linear",
+           "cpu_supports_bf16", "load_model", "load_sample", "plan", "quantize_int8", "select", "sequence_loss",
+           "to_precision"]
+
+PRECISIONS = ("auto", "float32", "float16", "bfloat16", "int8")   # values of serving.dtype
+DEFAULT_TOLERANCE = 0.01      # |loss - fp32 loss| / fp32 loss a reduced precision may cost
+SAMPLE_FILE = "val_sample.json"
+SAMPLE_TOKENS = 512           # tokens of the sample the check scores (more only costs load time)
+SHIPPED_SAMPLE = "quality_sample.txt"
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PrecisionReport:
+    """What `select` chose for one loaded version, and why (shown in /info, logged, and as /metrics gauges).
+
+    Losses are mean next-token cross-entropy in nats on `sample_tokens` tokens; `loss_delta` is relative:
+    (loss - reference_loss) / reference_loss, 0.0 for float32 itself, None when no check ran (GPU)."""
+
+    requested: str
+    chosen: str
+    device: str
+    tolerance: float
+    sample: str | None = None            # "val_sample.json", "shipped text" or None (no check)
+    sample_tokens: int = 0
+    reference_loss: float | None = None
+    loss: float | None = None
+    loss_delta: float | None = None
+    rejected: dict[str, float] = field(default_factory=dict)   # candidate -> its relative loss delta
+    decode_tokens_per_s: dict[str, float] = field(default_factory=dict)   # auto: passing candidate -> measured speed
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------- hardware
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (x86 AVX512-BF16 or AMX-BF16), where oneDNN's bf16 matmuls beat fp32.
+
+    Reads /proc/cpuinfo flags; elsewhere (macOS, no procfs) asks oneDNN. Without native support bf16 is emulated and
+    slower than fp32, so it is never chosen."""
+    flags = _cpu_flags()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def int8_supported() -> bool:
+    """This torch has the int8 x int8 -> int32 CPU matmul (`torch._int_mm`, torch >= 2.3) that Int8Linear uses."""
+    try:
+        one = torch.ones(1, 8, dtype=torch.int8)
+        return int(torch._int_mm(one, one.t())) == 8
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def plan(requested: str, device: torch.device) -> list[str]:
+    """Candidate precisions for `requested` on `device`, fastest first; the last one is the fallback that always passes.
+
+    Raises ValueError for a value outside PRECISIONS, or int8 on a non-CPU device (Int8Linear is built for CPU)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"serving.dtype={requested!r} is invalid; choose one of {list(PRECISIONS)}")
+    if device.type != "cpu":
+        if requested == "int8":
+            raise ValueError(f"serving.dtype=int8 runs on CPU only (device {device}); use auto, bfloat16 or float16")
+        if requested == "auto":
+            if device.type == "cuda":
+                return ["bfloat16" if torch.cuda.is_bf16_supported() else "float16"]
+            return ["float32"]
+        return [requested]
+    bf16 = ["bfloat16"] if cpu_supports_bf16() else []
+    if requested in ("auto", "int8"):
+        return [*(["int8", "int8_body"] if int8_supported() else []), *bf16, "float32"]
+    if requested == "bfloat16":
+        if not bf16:
+            log.warning("serving.dtype=bfloat16: this CPU has no native bf16 (avx512_bf16/amx_bf16); using float32")
+        return [*bf16, "float32"]
+    if requested == "float16":
+        return ["float16", "float32"]
+    return ["float32"]
+
+
+# ---------------------------------------------------------------------------------------------------------- transforms
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace every transformers `Conv1D` (GPT-2's projections: y = x @ W + b, W of shape [in, out]) by an `nn.Linear`
+    in place, so that quantizers that know only Linear reach them. Returns how many were replaced.
+
+    The Linear's weight is a transposed *view* of the same storage ([out, in] with strides of W), so `F.linear` calls
+    the same `addmm` on the same memory as Conv1D did and fp32 outputs are bit-identical."""
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.nx, child.nf, bias=True, device="meta")
+                linear.weight = nn.Parameter(child.weight.detach().t(), requires_grad=False)
+                linear.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
+
+
+class Int8Linear(nn.Module):
+    """W8A8 Linear: int8 weights (symmetric, one scale per output channel) times int8 activations (symmetric, one scale
+    per token = per input row, computed at run time), accumulated exactly in int32 by `torch._int_mm`, rescaled to fp32.
+
+    Per-token (not per-batch) activation scales plus exact integer accumulation make a row's output independent of the
+    other rows of the batch, so sampled text stays independent of batch-mates, as in fp32. (torch.ao's
+    `quantize_dynamic` uses one scale per batch: faster at batch 8 on fbgemm, but it changed 7 of 90 sampled
+    sequences when batched; measured in bench/RESULTS.md.) Scheme as LLM.int8()/SmoothQuant's per-token W8A8 without
+    outlier handling; the quality check decides whether a model tolerates it.
+
+    Input [..., in_features] float; output [..., out_features] fp32."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        q = torch.round(rows / scale).to(torch.int8)
+        # The transposed view (not a contiguous copy) is what the CPU kernel is fastest on.
+        y = torch._int_mm(q, self.weight_int8.t()).float().mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 per-token"
+
+
+def quantize_int8(model: nn.Module, *, lm_head: bool = True) -> nn.Module:
+    """Replace every Linear of a GPT-2 model by `Int8Linear` in place (Conv1D layers are converted first);
+    `lm_head=False` keeps the output projection in fp32. The tied input embedding stays fp32; a quantized lm_head holds
+    its own int8 copy of it. Returns the model (CPU)."""
+    conv1d_to_linear(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and (lm_head or child is not getattr(model, "lm_head", None)):
+                setattr(parent, name, Int8Linear(child))
+    return model
+
+
+def to_precision(model: nn.Module, precision: str) -> nn.Module:
+    """A copy of the fp32 `model` in `precision` (float32 returns `model` itself). Raises ValueError for an unknown one."""
+    if precision == "float32":
+        return model
+    if precision in ("int8", "int8_body"):
+        return quantize_int8(copy.deepcopy(model), lm_head=precision == "int8")
+    if precision in FLOAT_DTYPES:
+        return copy.deepcopy(model).to(FLOAT_DTYPES[precision])
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------- quality
+@torch.inference_mode()
+def sequence_loss(model: nn.Module, ids: torch.Tensor, window: int) -> float:
+    """Mean next-token cross-entropy (nats) of a causal LM over `ids` (1-D int64), scored in consecutive windows of at
+    most `window` tokens (each window predicts its own tokens 2..n, so a window contributes n-1 targets)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start:start + window].to(device)[None]
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk).logits.float()
+        loss = nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        total, count = total + float(loss), count + chunk.shape[1] - 1
+    if count == 0:
+        raise ValueError("the quality sample has fewer than 2 tokens")
+    return total / count
+
+
+def _read_sample_file(path: Path, vocab_size: int) -> list[int]:
+    """Token ids from a published val_sample.json; ValueError naming the file and the problem when it is malformed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or len(ids) < 2:
+        raise ValueError(f"{path}: needs an 'ids' list of at least 2 token ids")
+    bad = next((i for i, t in enumerate(ids) if type(t) is not int or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{path}: ids[{bad}]={ids[bad]!r} is not a token id in [0, {vocab_size})")
+    return ids
+
+
+def load_sample(folder: Path, tokenizer: Any, vocab_size: int, max_tokens: int = SAMPLE_TOKENS) -> tuple[list[int], str]:
+    """The token ids the quality check scores for the version in `folder`, and where they came from.
+
+    `tokenizer` is a `tokenizers.Tokenizer` (the version's own). A malformed published sample is logged and replaced by
+    the shipped text, so a bad sample file never keeps a version from loading."""
+    path = Path(folder) / SAMPLE_FILE
+    if path.is_file():
+        try:
+            return _read_sample_file(path, vocab_size)[:max_tokens], SAMPLE_FILE
+        except ValueError as e:
+            log.warning("%s; checking precision on the shipped text sample instead", e)
+    text = resources.files("serving").joinpath(SHIPPED_SAMPLE).read_text(encoding="utf-8")
+    return tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens], "shipped text"
+
+
+def select(model: nn.Module, requested: str, device: torch.device, sample: tuple[list[int], str] | None, *,
+           tolerance: float = DEFAULT_TOLERANCE) -> tuple[nn.Module, PrecisionReport]:
+    """For `auto`, the candidate of `plan(requested, device)` with the fastest measured decode (`decode_speed`) among
+    those whose loss on `sample` (token ids, where they came from) is within `tolerance` (relative) of the fp32
+    `model`'s; for an explicit request, the first candidate of its chain that passes. Returns (model, report). `model` is fp32 on `device`, in
+    eval mode; it is returned unchanged when float32 wins, else a converted copy is (the fp32 one can then be freed).
+    On GPU, or when float32 is the only candidate, no check runs and `sample` may be None. Raises ValueError for a bad
+    `requested` or `tolerance`, or a missing/too short sample."""
+    if tolerance < 0 or not math.isfinite(tolerance):
+        raise ValueError(f"precision tolerance must be a finite number >= 0, got {tolerance}")
+    chain = plan(requested, device)
+    report = PrecisionReport(requested=requested, chosen=chain[0], device=str(device), tolerance=tolerance)
+    if device.type != "cpu" or chain == ["float32"]:
+        return model.to(FLOAT_DTYPES[chain[0]]), report
+    if sample is None:
+        raise ValueError(f"serving.dtype={requested}: choosing among {chain} on CPU needs a sample to score")
+    ids = torch.tensor(sample[0], dtype=torch.long)
+    window = min(int(model.config.n_positions), 256)
+    report.sample, report.sample_tokens = sample[1], int(ids.numel())
+    report.reference_loss = sequence_loss(model, ids, window)
+    if not math.isfinite(report.reference_loss) or report.reference_loss <= 0:
+        raise ValueError(f"the fp32 model's loss on the quality sample ({sample[1]}) is {report.reference_loss}: "
+                         f"broken weights? (the version is not loaded)")
+    best: tuple[float, str, nn.Module, float, float] | None = None   # (decode tok/s, precision, model, loss, delta)
+    for precision in chain:
+        if best is not None and requested != "auto":
+            break       # an explicit request takes the first candidate that passes
+        if precision == "int8_body" and best is not None and best[1] == "int8":
+            continue    # int8_body only stands in for an int8 that failed the check
+        candidate = to_precision(model, precision)
+        loss = sequence_loss(candidate, ids, window) if candidate is not model else report.reference_loss
+        delta = (loss - report.reference_loss) / report.reference_loss
+        if not abs(delta) <= tolerance and precision != "float32":   # a NaN loss fails too
+            report.rejected[precision] = delta
+            log.warning("precision %s rejected: loss %.5f vs fp32 %.5f (%+.3f%%, tolerance %.3f%%); trying the next",
+                        precision, loss, report.reference_loss, 100 * delta, 100 * tolerance)
+            continue
+        speed = 0.0
+        if requested == "auto":   # an explicit request is not timed (it stops at the first candidate that passes)
+            speed = decode_speed(candidate)
+            report.decode_tokens_per_s[precision] = round(speed, 2)
+        if best is None or speed > best[0]:
+            best = (speed, precision, candidate, loss, delta)
+        del candidate
+    _, report.chosen, chosen, report.loss, report.loss_delta = best
+    log.info("precision %s chosen (requested %s): loss %.5f vs fp32 %.5f (%+.4f%%) on %d tokens of %s; decode "
+             "tokens/s measured %s", report.chosen, requested, report.loss, report.reference_loss,
+             100 * report.loss_delta, report.sample_tokens, report.sample, report.decode_tokens_per_s or "-")
+    return chosen, report
+
+
+@torch.inference_mode()
+def decode_speed(model: nn.Module, prompt_tokens: int = 16, steps: int = 4) -> float:
+    """Single-sequence decode speed (tokens/s) of a causal LM: the fastest of `steps` one-token steps on a KV cache
+    after a `prompt_tokens` prefill. The fastest step, not the mean, so that a burst of other work on a shared machine
+    does not decide the precision."""
+    import time
+
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.zeros((1, prompt_tokens), dtype=torch.long, device=device), use_cache=True)
+    past, token, fastest = out.past_key_values, torch.zeros((1, 1), dtype=torch.long, device=device), float("inf")
+    for _ in range(steps):
+        started = time.perf_counter()
+        past = model(input_ids=token, past_key_values=past, use_cache=True).past_key_values
+        fastest = min(fastest, time.perf_counter() - started)
+    return 1.0 / fastest
+
+
+def load_model(folder: Path, requested: str, device: torch.device, tokenizer: Any, *,
+               tolerance: float = DEFAULT_TOLERANCE) -> tuple[nn.Module, PrecisionReport]:
+    """Load the HF folder in fp32 on `device`, then `select` its precision (see there); returns (model, report).
+
+    On GPU the weights are loaded straight in the chosen float dtype (no fp32 copy, no check), as before."""
+    from transformers import AutoModelForCausalLM
+
+    chain = plan(requested, device)
+    if device.type != "cpu" or chain == ["float32"]:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=FLOAT_DTYPES[chain[0]]).to(device).eval()
+        return select(model, requested, device, None, tolerance=tolerance)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    sample = load_sample(folder, tokenizer, int(model.config.vocab_size))
+    return select(model, requested, device, sample, tolerance=tolerance)

@@ -1,0 +1,325 @@
+"""Reduced-precision serving (serving/precision.py): Conv1D -> Linear, dynamic int8, the loss check and its fallbacks,
+the validation sample published with a version, and a real server running int8."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from serving import precision
+from serving.engine import Engine, EngineOptions
+from serving.generation import Generation
+from serving.sampling import SamplingParams
+from tests.fixtures.models import CORPUS
+from tests.fixtures.server import API_KEY, ServeProcess
+from textmill import tokenizer as textmill_tok
+from textmill.registry import Registry
+
+MODEL = "tiny"
+CPU = torch.device("cpu")
+
+
+def load_export(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(folder).backend_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_export):
+    """The tiny export's model trained 60 Adam steps on its own corpus (loss ~6.2 -> <2), and a held-out sample."""
+    model, tok = load_export(tiny_export)
+    ids = torch.tensor([i for text in CORPUS[:6] for i in (*tok.encode(text).ids, model.config.eos_token_id)])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~2.6 s; with 2 threads on 2 cores shared with other work it took over 80 s
+    try:
+        for _ in range(60):
+            starts = torch.randint(0, ids.numel() - 33, (8,))
+            batch = torch.stack([ids[s:s + 32] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    held_out = tok.encode("The model reads the prompt and the cat sleeps in the warm sun. This package provides "
+                          "a small library for parsing files.").ids
+    return model, tok, (held_out * 4, "test sample")
+
+
+def test_conv1d_to_linear_is_exact_in_fp32(tiny_export):
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    model, tok = load_export(tiny_export)
+    converted = copy.deepcopy(model)
+    assert precision.conv1d_to_linear(converted) == 4 * model.config.n_layer
+    assert not any(isinstance(m, Conv1D) for m in converted.modules())
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog").ids] * 2)
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, converted(ids).logits)  # bit-identical, not merely close
+        greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=model.config.eos_token_id)
+        assert torch.equal(model.generate(ids, **greedy), converted.generate(ids, **greedy))
+
+
+def test_int8_quantizes_every_linear_and_stays_within_tolerance(trained):
+    model, _, sample = trained
+    chosen, report = precision.select(model, "int8", CPU, sample)
+    assert report.reference_loss < 3.0, "the fixture model should have learned its corpus"
+    assert report.chosen == "int8" and report.rejected == {}
+    assert abs(report.loss_delta) <= precision.DEFAULT_TOLERANCE
+    assert report.loss == pytest.approx(report.reference_loss * (1 + report.loss_delta))
+    assert isinstance(chosen.lm_head, precision.Int8Linear)
+    assert sum(isinstance(m, precision.Int8Linear) for m in chosen.modules()) == 4 * model.config.n_layer + 1
+    assert not isinstance(model.lm_head, precision.Int8Linear)  # the fp32 model given in is left as it was
+
+
+def test_int8_rows_do_not_depend_on_their_batch_mates():
+    """Per-token activation scales + exact int32 accumulation: a row's output is bit-identical alone or batched,
+    whatever the other rows hold (an outlier row, padding) — the property per-batch dynamic quantization breaks."""
+    layer = precision.Int8Linear(torch.nn.Linear(64, 96))
+    x = torch.randn(5, 64)
+    batched = layer(torch.cat([x, 100 * torch.randn(3, 64), torch.zeros(1, 64)]))
+    assert all(torch.equal(layer(x[i:i + 1])[0], batched[i]) for i in range(5))
+    assert (batched[:5] - torch.nn.functional.linear(x, layer.weight_int8 * layer.weight_scale[:, None], layer.bias)
+            ).abs().max() < 0.05 * batched[:5].abs().max()   # and it is still the same linear map, to int8 accuracy
+
+
+def test_int8_engine_text_is_the_same_alone_or_batched(tiny_export):
+    engine = Engine(EngineOptions(device="cpu", dtype="int8", max_batch_size=8))
+    try:
+        assert engine.swap(MODEL, "v1", tiny_export, {"files": []})
+        worker = engine.worker(MODEL)
+        assert worker.stats()["precision"]["chosen"] == "int8"
+        prompts = ["The quick", "Once upon a time there was", "A", "This package provides a small library",
+                   "Serving nodes pull new", "Permission is"]
+
+        def gen(prompt: str, seed: int, **params) -> Generation:
+            return Generation(prompt, MODEL, "v1", prompt, worker.encode(prompt),
+                              SamplingParams(max_tokens=20, seed=seed, **params), worker.tokenizer)
+
+        for seed, params in ((1, {}), (2, {"top_p": 0.9}), (3, {"temperature": 0.7, "top_k": 40})):
+            alone = [gen(p, seed, **params) for p in prompts]
+            for g in alone:
+                worker.run_batch([g])
+            batch = [gen(p, seed, **params) for p in prompts]   # different lengths: left padding in one batch
+            worker.run_batch(batch)
+            assert [g.text for g in batch] == [g.text for g in alone]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("requested", ["auto", "int8", "bfloat16"])
+def test_impossible_tolerance_falls_back_to_fp32_logged(trained, caplog, requested):
+    model, _, sample = trained
+    with caplog.at_level(logging.WARNING, logger="serving.precision"):
+        chosen, report = precision.select(model, requested, CPU, sample, tolerance=0.0)
+    assert chosen is model and report.chosen == "float32" and report.loss_delta == 0.0
+    expected = precision.plan(requested, CPU)[:-1]   # every candidate before fp32 was tried, in order, and refused
+    assert list(report.rejected) == expected and all(d != 0.0 for d in report.rejected.values())
+    assert sum("rejected" in r.getMessage() for r in caplog.records) == len(expected)
+
+
+def test_the_first_candidate_that_passes_wins(trained):
+    model, _, sample = trained
+    chosen, report = precision.select(model, "int8", CPU, sample, tolerance=0.5)
+    assert report.chosen == "int8" and report.rejected == {} and isinstance(chosen.lm_head, precision.Int8Linear)
+    body = precision.to_precision(model, "int8_body")
+    assert isinstance(body.transformer.h[1].attn.c_proj, precision.Int8Linear)
+    assert type(body.lm_head) is torch.nn.Linear
+    assert precision.to_precision(model, "bfloat16").lm_head.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.float32    # conversions copy; the fp32 reference stays intact
+
+
+def test_auto_takes_the_fastest_measured_of_those_that_pass(trained):
+    model, _, sample = trained
+    chosen, report = precision.select(model, "auto", CPU, sample, tolerance=0.5)
+    passing = [p for p in precision.plan("auto", CPU) if p != "int8_body"]   # int8 passed, so int8_body is not tried
+    assert list(report.decode_tokens_per_s) == passing and report.rejected == {}
+    assert report.chosen == max(report.decode_tokens_per_s, key=report.decode_tokens_per_s.get)
+    assert (chosen is model) == (report.chosen == "float32")
+
+
+def test_a_model_with_non_finite_loss_is_refused_not_served(tiny_export):
+    model, tok = load_export(tiny_export)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="loss on the quality sample .* is nan"):
+        precision.select(model, "auto", CPU, (tok.encode("The quick brown fox").ids, "t"))
+
+
+def test_plan_orders_candidates_fastest_first_and_refuses_bad_requests():
+    bf16 = ["bfloat16"] if precision.cpu_supports_bf16() else []
+    assert precision.plan("auto", CPU) == ["int8", "int8_body", *bf16, "float32"]
+    assert precision.plan("int8", CPU) == precision.plan("auto", CPU)
+    assert precision.plan("bfloat16", CPU) == [*bf16, "float32"]
+    assert precision.plan("float32", CPU) == ["float32"]
+    assert precision.plan("auto", torch.device("meta")) == ["float32"]
+    with pytest.raises(ValueError, match="int8 runs on CPU only"):
+        precision.plan("int8", torch.device("cuda"))
+    with pytest.raises(ValueError, match="serving.dtype='int4' is invalid"):
+        precision.plan("int4", CPU)
+    with pytest.raises(ValueError, match="tolerance"):
+        precision.select(torch.nn.Linear(1, 1), "auto", CPU, ([1, 2], "x"), tolerance=-0.1)
+
+
+def test_auto_records_its_choice_in_the_engine_and_metrics(tiny_export):
+    from serving.metrics import Metrics
+
+    metrics = Metrics()
+    engine = Engine(EngineOptions(device="cpu", dtype="auto"), metrics)
+    try:
+        assert engine.swap(MODEL, "v1", tiny_export, {"files": []})
+        info = engine.worker(MODEL).stats()["precision"]
+        assert info["requested"] == "auto" and info["sample"] == "shipped text"
+        speeds = info["decode_tokens_per_s"]
+        assert "float32" in speeds and info["chosen"] == max(speeds, key=speeds.get)
+        assert info["sample_tokens"] > 100 and abs(info["loss_delta"]) <= info["tolerance"] == 0.01
+        labels = {"model": MODEL, "precision": info["chosen"], "requested": "auto"}
+        assert metrics.registry.get_sample_value("textmill_model_precision_info", labels) == 1
+        assert metrics.registry.get_sample_value("textmill_model_precision_loss_delta",
+                                                 {"model": MODEL}) == pytest.approx(info["loss_delta"])
+    finally:
+        engine.close()
+
+
+def test_greedy_fp32_equals_hf_generate(tiny_export):
+    model, tok = load_export(tiny_export)
+    engine = Engine(EngineOptions(device="cpu", dtype="float32"))
+    try:
+        assert engine.swap(MODEL, "v1", tiny_export, {"files": []})
+        worker = engine.worker(MODEL)
+        chosen = worker.stats()["precision"]
+        assert chosen["chosen"] == "float32" and chosen["sample"] is None  # no check needed
+        for prompt in ("Serving nodes pull", "Once upon a time"):
+            ids = worker.encode(prompt)
+            gen = Generation(prompt, MODEL, "v1", prompt, ids, SamplingParams(max_tokens=16, temperature=0.0),
+                             worker.tokenizer)
+            worker.run_batch([gen])
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                     pad_token_id=model.config.eos_token_id)
+            hf = out[0, len(ids):].tolist()
+            eot = model.config.eos_token_id
+            hf = hf[:hf.index(eot)] if eot in hf else hf
+            assert gen.text == tok.decode(hf)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("content", [
+    '{"ids": [1, 2, "3"]}',                       # a token id that is not an int
+    '{"ids": [1, 2, 999999]}',                    # an id beyond the vocabulary
+    '{"ids": [1, 2, true]}',                      # a bool is not a token id
+    "[1, 2, 3",                                   # not JSON
+])
+def test_malformed_published_sample_falls_back_to_shipped_text(tiny_export, tmp_path, caplog, content):
+    folder = shutil.copytree(tiny_export, tmp_path / "version")
+    (folder / precision.SAMPLE_FILE).write_text(content, encoding="utf-8")
+    _, tok = load_export(folder)
+    with caplog.at_level(logging.WARNING, logger="serving.precision"):
+        ids, source = precision.load_sample(folder, tok, 512)
+    assert source == "shipped text" and len(ids) > 100
+    assert any(str(folder / precision.SAMPLE_FILE) in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def converted_with_sample(tmp_path_factory):
+    """`textmill convert --tokens` of a tiny OpenAI-layout release: the export carries val_sample.json."""
+    from convert.cli import main as convert_main
+    from tests.fixtures.checkpoints import random_weights, tiny_hparams, tiny_tokenizer, write_openai_release, write_tokens
+
+    root = tmp_path_factory.mktemp("convert-sample")
+    tok = tiny_tokenizer()
+    hp = tiny_hparams(tok)
+    release = write_openai_release(root / "release", hp, tok, random_weights(hp, 0))
+    val = ["Permission is hereby granted, free of charge, to any person."] * 40
+    tokens = write_tokens(root / "tokens", tok, ["some training text"] * 5, val)
+    assert convert_main([str(release), str(root / "export"), "--tokens", str(tokens)]) == 0
+    import numpy as np
+
+    return root / "export", np.fromfile(tokens / "val.bin", np.uint16).tolist(), tok
+
+
+def test_convert_writes_the_val_sample(converted_with_sample):
+    export, val_ids, _ = converted_with_sample
+    sample = json.loads((export / precision.SAMPLE_FILE).read_text(encoding="utf-8"))
+    n = min(len(val_ids), 1024)   # the head of val.bin, at most convert.val_sample.SAMPLE_TOKENS
+    assert len(val_ids) > n and sample["ids"] == val_ids[:n] and sample["tokens"] == n
+    assert sample["source"] == f"tokens/val.bin[:{n}]"
+
+
+def test_published_val_sample_is_synced_and_used(converted_with_sample, registry_root, tmp_path):
+    from serving.sync import Syncer
+    from textmill.config import ServingConfig
+
+    export, val_ids, tok = converted_with_sample
+    version = Registry(registry_root).publish(MODEL, export, metrics={"val_loss": 5.0}, provenance={},
+                                              progress=False).version
+    manifest = Registry(registry_root).manifest(MODEL, version)
+    assert precision.SAMPLE_FILE in {f["path"] for f in manifest["files"]}
+    result = Syncer(ServingConfig(root=registry_root, cache_dir=str(tmp_path / "cache"))).sync_once()[0]
+    assert result.error is None and result.latest == version
+    folder = tmp_path / "cache" / MODEL / version
+    n = precision.SAMPLE_TOKENS   # the check scores the sample's first 512 tokens
+    assert precision.load_sample(folder, tok, textmill_tok.vocab_size(tok)) == (val_ids[:n], precision.SAMPLE_FILE)
+    engine = Engine(EngineOptions(device="cpu", dtype="int8"))
+    try:
+        assert engine.swap(MODEL, version, folder, manifest)
+        info = engine.worker(MODEL).stats()["precision"]
+        assert (info["sample"], info["sample_tokens"]) == (precision.SAMPLE_FILE, n)
+    finally:
+        engine.close()
+
+
+def test_server_with_dtype_int8_answers_completions(tiny_export, tmp_path):
+    root = str(tmp_path / "bucket")
+    Registry(root).publish(MODEL, tiny_export, metrics={"val_loss": 5.0}, provenance={}, progress=False)
+    proc = ServeProcess(root, tmp_path / "node", args=["--dtype", "int8", "--device", "cpu"])
+    try:
+        proc.wait_ready()
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key=API_KEY, max_retries=0)
+        resp = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=8, temperature=0)
+        assert resp.usage.completion_tokens >= 1 and resp.choices[0].finish_reason in ("stop", "length")
+        again = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=8, temperature=0, seed=5)
+        assert again.choices[0].text == resp.choices[0].text  # greedy int8 is deterministic
+        info = httpx.get(proc.url + "/info", headers=proc.headers(), timeout=10).json()
+        chosen = info["models"][MODEL]["precision"]
+        assert chosen["requested"] == "int8" and chosen["chosen"] == "int8" and chosen["decode_tokens_per_s"] == {}
+        assert proc.metric("textmill_model_precision_info", model=MODEL, precision="int8") == 1
+        assert abs(proc.metric("textmill_model_precision_loss_delta", model=MODEL)) <= 0.01
+    finally:
+        assert proc.terminate() == 0, proc.log()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "int8", "--device", "cuda"], "serving.dtype=int8 runs on CPU only"),
+    (["--dtype", "int4"], "serving.dtype='int4' is invalid"),
+    (["--set", "serving.precision_tolerance=1.5"], "serving.precision_tolerance=1.5 must be in"),
+    (["--set", "serving.precision_tolerance=-0.01"], "serving.precision_tolerance=-0.01 must be in"),
+])
+def test_bad_precision_settings_are_one_line_errors(tmp_path, flags, message):
+    import argparse
+
+    from serving import settings
+    from textmill.errors import UserError
+
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, server=True)
+    args = parser.parse_args(["--root", str(tmp_path), *flags])
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+        settings.load(args, env={})
+    assert "\n" not in str(e.value)
