@@ -19,7 +19,7 @@ import pytest
 
 from tests.fixtures.models import make_tiny_export
 from tests.fixtures.server import API_KEY, REPO, ServeProcess
-from textmill.registry import Registry
+from textmill.registry import Registry, export_identity
 
 MODEL = "abstracts"            # a model the committed params.yaml configures, so `textmill publish` accepts it
 NODES, CLIENTS = 3, 8
@@ -69,7 +69,8 @@ def stage_export(project: Path, seed: int, val_loss: float) -> None:
     shutil.rmtree(export, ignore_errors=True)
     make_tiny_export(export, seed=seed)
     (project / "reports" / "eval").mkdir(parents=True, exist_ok=True)
-    (project / "reports" / "eval" / f"{MODEL}.json").write_text(json.dumps({"val_loss": val_loss}))
+    (project / "reports" / "eval" / f"{MODEL}.json").write_text(json.dumps({"val_loss": val_loss,
+                                                                               "export": export_identity(export)}))
 
 
 def converge(nodes: list[ServeProcess], version: str, started: float, timeout: float) -> list[float]:

@@ -234,7 +234,7 @@ def test_socket_flood_under_low_open_files_limit_keeps_live_completion_and_sync(
         assert refused == 4
         for _ in range(3):
             live = httpx.get(server.url + "/live", timeout=5)
-            assert live.status_code == 200 and live.json() == {"status": "ok"}
+            assert live.status_code == 200 and live.json()["status"] == "ok"
         ok = complete(server, prompt="still serving", max_tokens=3)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
         assert server.open_fds() < OPEN_FILES - 64
