@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.clean import clean_files  # noqa: E402
-from pipelines.clean_io import iter_docs  # noqa: E402
+from textmill.pipelines.clean import clean_files  # noqa: E402
+from textmill.pipelines.clean_io import iter_docs  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from textmill.config import CleanConfig, CorpusConfig  # noqa: E402
 

@@ -30,7 +30,7 @@ CHILD = r"""
 import hashlib, json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import tensorflow, torch, transformers  # same imports in both jobs
-from training.tf import checkpoint
+from textmill.training.tf import checkpoint
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 job, src, dst = sys.argv[2], sys.argv[3], sys.argv[4]
 t0, c0 = time.perf_counter(), os.times()
@@ -40,8 +40,8 @@ elif job == "sha256":  # one sha256 pass over the data file: what each provenanc
     with open(src + "/model.ckpt.data-00000-of-00001", "rb") as f:
         hashlib.file_digest(f, "sha256")
 else:
-    from convert.sources import resolve
-    from convert.tf_to_hf import convert
+    from textmill.convert.sources import resolve
+    from textmill.convert.tf_to_hf import convert
     convert(resolve(src), dst, dtype=job.split(":")[1])
 seconds, c1 = time.perf_counter() - t0, os.times()
 cpu_s = c1.user - c0.user + c1.system - c0.system
@@ -68,7 +68,7 @@ def make_checkpoint(folder: Path, size: str) -> tuple[int, float]:
 
     from textmill import sizes
     from textmill.weights import openai_shapes
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     t0 = time.perf_counter()
     hp = sizes.from_name(size)

@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines import prepare  # noqa: E402
+from textmill.pipelines import prepare  # noqa: E402
 from tests.fixtures.clean_corpora import make_config, make_docs, write_clean  # noqa: E402
 from textmill import tokenizer  # noqa: E402
 

@@ -209,7 +209,7 @@ def quality_deltas(export: Path, precisions: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving import precision
+    from textmill.serving import precision
 
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(export).backend_tokenizer

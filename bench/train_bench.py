@@ -35,12 +35,12 @@ def make_trainer(backend: str, hp: sizes.Hparams, tc: TrainingConfig, n_ctx: int
     if backend == "tf":
         import tensorflow as tf
 
-        from training.tf.trainer import Trainer
+        from textmill.training.tf.trainer import Trainer
 
         trainer = Trainer(hp, tc, n_ctx, tf.distribute.get_strategy())
         trainer.model.assign(dict(weights.init_numpy(hp, 0)))
         return trainer
-    from training.pt.trainer import Trainer
+    from textmill.training.pt.trainer import Trainer
 
     trainer = Trainer(hp, tc, n_ctx, eot=hp.n_vocab - 1)
     trainer._finish_setup()  # optimizer (+ DDP / compile) over the freshly initialised weights

@@ -15,8 +15,8 @@ Converter = Callable[[Path, Path, argparse.Namespace], dict[str, Any]]
 
 
 def _convert_tf(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from convert.sources import resolve
-    from convert.tf_to_hf import convert
+    from textmill.convert.sources import resolve
+    from textmill.convert.tf_to_hf import convert
 
     src = resolve(src_path, args.step)
     return convert(src, dst, dtype=args.dtype, verify=args.verify, tokens_dir=args.tokens,
@@ -24,7 +24,7 @@ def _convert_tf(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str
 
 
 def _convert_torch_run(src_path: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from convert.pt_to_hf import convert_cli
+    from textmill.convert.pt_to_hf import convert_cli
 
     return convert_cli(src_path, dst, args)
 
@@ -34,7 +34,7 @@ CONVERTERS: dict[str, Converter] = {"tf": _convert_tf, "torch": _convert_torch_r
 
 def source_kind(path: Path) -> str:
     """`torch` for a PyTorch run (its textmill_state.json says backend pt), else `tf` (its layout is resolved later)."""
-    from convert.pt_to_hf import is_torch_run
+    from textmill.convert.pt_to_hf import is_torch_run
 
     return "torch" if is_torch_run(path) else "tf"
 

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from convert import tf_to_hf, verify as verify_mod
-from convert.sources import Source
+from textmill.convert import tf_to_hf, verify as verify_mod
+from textmill.convert.sources import Source
 from textmill import tokenizer as textmill_tok
 from textmill.errors import UserError
 from textmill.storage import atomic_path, read_json
-from training import openai_layout, run
+from textmill.training import openai_layout, run
 
 WEIGHTS_SUFFIX = ".safetensors"
 
@@ -70,14 +70,14 @@ def checkpoint_weights(src: Source, hp, eot: int) -> dict[str, torch.Tensor]:
     path = Path(f"{src.prefix}{WEIGHTS_SUFFIX}")
     weights = load_file(str(path))
     if any(".lora_" in k for k in weights):
-        from training.pt.lora import merged_state
+        from textmill.training.pt.lora import merged_state
 
         weights = merged_state(path, hp, eot)
     return weights
 
 
 def reference_model(src: Source, hp, weights: dict[str, torch.Tensor], eot: int):
-    from training.pt.trainer import build_model, load_weights
+    from textmill.training.pt.trainer import build_model, load_weights
 
     model = build_model(hp, eot, torch.device("cpu"))
     load_weights(model, weights, Path(f"{src.prefix}{WEIGHTS_SUFFIX}"))

@@ -13,8 +13,8 @@ from typing import Any, Optional
 from textmill.errors import UserError
 from textmill.sizes import Hparams
 from textmill.storage import read_json
-from training import openai_layout
-from training.openai_layout import META_FILES, step_of
+from textmill.training import openai_layout
+from textmill.training.openai_layout import META_FILES, step_of
 
 INDEX, DATA = openai_layout.INDEX_SUFFIX, openai_layout.DATA_SUFFIX
 STATE_FILE = "textmill_state.json"

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from convert.names import TIED, expected_key_count, hf_key, hf_shapes
-from convert.sources import Source
-from convert.stream import SafetensorsWriter
-from convert.val_sample import write_val_sample
+from textmill.convert.names import TIED, expected_key_count, hf_key, hf_shapes
+from textmill.convert.sources import Source
+from textmill.convert.stream import SafetensorsWriter
+from textmill.convert.val_sample import write_val_sample
 from textmill import tokenizer as textmill_tok
 from textmill.errors import UserError
 from textmill.sizes import Hparams, to_hf_config_kwargs
@@ -94,7 +94,7 @@ def write_weights(src: Source, hp: Hparams, names: list[str], out: Path, dtype: 
     Tensors are read in sorted HF-key order, which is also the order of the TF data file and of safetensors' layout, so
     the checkpoint is read front to back and each tensor can be appended as soon as it is read.
     """
-    from training.tf.checkpoint import iter_tensors  # TF: imported only when a checkpoint is actually read
+    from textmill.training.tf.checkpoint import iter_tensors  # TF: imported only when a checkpoint is actually read
 
     want = hf_shapes(hp)
     assert len(names) == expected_key_count(hp) == len(want), (len(names), expected_key_count(hp))
@@ -179,7 +179,7 @@ def source_files_to_hash(src: Source, hash_source: bool) -> tuple[list[Path], di
 def convert(src: Source, dst: str | Path, *, dtype: str = "float32", verify: bool = False,
             tokens_dir: str | Path | None = None, hash_source: bool = False) -> dict[str, Any]:
     """Convert `src` into the HF folder `dst` (must not exist); returns the provenance written to textmill.json."""
-    from training.tf.checkpoint import list_variables
+    from textmill.training.tf.checkpoint import list_variables
 
     dst = Path(dst)
     if dst.exists():
@@ -210,7 +210,7 @@ def convert(src: Source, dst: str | Path, *, dtype: str = "float32", verify: boo
                             {**small, WEIGHTS_FILE: weights_sha256})
         record["source"].update(coverage)
         if verify:
-            from convert.verify import verify as run_verify
+            from textmill.convert.verify import verify as run_verify
 
             record["verify"] = run_verify(src, tmp, hp, tok, dtype=dtype, tokens_dir=tokens_dir)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

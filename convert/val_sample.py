@@ -21,7 +21,7 @@ SAMPLE_TOKENS = 1024
 def checked_val_ids(tok: Tokenizer, tokens_dir: str | Path, limit: int) -> list[int]:
     """The first `limit` ids of `tokens_dir`/val.bin, after checking they were made with `tok` (meta.json checksum,
     ids inside the vocabulary). Raises UserError naming the file and what to do."""
-    from training.data import load_meta, open_tokens
+    from textmill.training.data import load_meta, open_tokens
 
     recorded = load_meta(tokens_dir).get("tokenizer_checksum")
     if recorded is not None and recorded != textmill_tok.checksum(tok):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from convert.sources import Source
+from textmill.convert.sources import Source
 from textmill import tokenizer as textmill_tok
 from textmill.errors import UserError
 from textmill.sizes import Hparams
@@ -66,7 +66,7 @@ def compare_models(src: Source, hf_dir: Path, hp: Hparams, eot: int, dtype: str)
     import tensorflow as tf
     from transformers import AutoModelForCausalLM
 
-    from training.tf.model import load as load_tf
+    from textmill.training.tf.model import load as load_tf
 
     tf_model = load_tf(src.prefix, hp)
     pt_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -96,7 +96,7 @@ def sample_text(tok: Tokenizer, tokens_dir: str | Path | None) -> tuple[str, str
     """(text, where it came from): decoded val.bin head with --tokens, else the built-in multilingual sample."""
     if tokens_dir is None:
         return BUILTIN_SAMPLE, "builtin"
-    from convert.val_sample import checked_val_ids
+    from textmill.convert.val_sample import checked_val_ids
 
     ids = checked_val_ids(tok, tokens_dir, SAMPLE_TOKENS)
     return tok.decode(ids, skip_special_tokens=False), f"{tokens_dir}/val.bin[:{len(ids)}]"

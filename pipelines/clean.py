@@ -21,14 +21,14 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from pipelines import clean_worker
-from pipelines.clean_worker import Outcome, Settings
-from pipelines.clean_writer import CorpusWriter
-from pipelines.readers import RawCorpus, ReadOptions, Record, resolve
-from pipelines.steps.base import Tally
-from pipelines.steps.exact_dup import ExactDedup
-from pipelines.steps.language import Language
-from pipelines.steps.near_dup import NearDedup
+from textmill.pipelines import clean_worker
+from textmill.pipelines.clean_worker import Outcome, Settings
+from textmill.pipelines.clean_writer import CorpusWriter
+from textmill.pipelines.readers import RawCorpus, ReadOptions, Record, resolve
+from textmill.pipelines.steps.base import Tally
+from textmill.pipelines.steps.exact_dup import ExactDedup
+from textmill.pipelines.steps.language import Language
+from textmill.pipelines.steps.near_dup import NearDedup
 from textmill import config as tconfig
 from textmill.config import CleanConfig, CorpusConfig, CsvConfig
 from textmill.errors import UserError

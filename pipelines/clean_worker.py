@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipelines.readers import Record, template_fields
-from pipelines.steps import CORPUS_STEPS, REPAIRS
-from pipelines.steps.base import Doc
-from pipelines.steps.empty import Empty
-from pipelines.steps.exact_dup import signature
-from pipelines.steps.language import distributions, make_detector
-from pipelines.steps.length import Length
-from pipelines.steps.near_dup import Shingler
-from pipelines.steps.whitespace import Whitespace
+from textmill.pipelines.readers import Record, template_fields
+from textmill.pipelines.steps import CORPUS_STEPS, REPAIRS
+from textmill.pipelines.steps.base import Doc
+from textmill.pipelines.steps.empty import Empty
+from textmill.pipelines.steps.exact_dup import signature
+from textmill.pipelines.steps.language import distributions, make_detector
+from textmill.pipelines.steps.length import Length
+from textmill.pipelines.steps.near_dup import Shingler
+from textmill.pipelines.steps.whitespace import Whitespace
 
 EXCERPT_CHARS = 200
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.clean_io import DOC_FIELDS, REJECTED_FIELDS
-from pipelines.steps.base import Doc
+from textmill.pipelines.clean_io import DOC_FIELDS, REJECTED_FIELDS
+from textmill.pipelines.steps.base import Doc
 
 PARQUET_ROW_GROUP = 10_000
 

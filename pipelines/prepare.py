@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pipelines.clean_io import docs_path, iter_docs
+from textmill.pipelines.clean_io import docs_path, iter_docs
 from textmill import config as config_mod
 from textmill import storage, tokenizer
 from textmill.errors import UserError

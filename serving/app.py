@@ -23,15 +23,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from serving import chat, liveness, playground, protocol
-from serving.engine import Engine, QueueFull, Retired, UnknownModel
-from serving.engines.base import ModelEngine
-from serving.generation import Event, Generation
-from serving.limits import BodyLimit
-from serving.metrics import Metrics
-from serving.protocol import (VERSION_HEADER, ApiError, ChatRequest, CompletionRequest, GenerationFields, PromptInput,
+from textmill.serving import chat, liveness, playground, protocol
+from textmill.serving.engine import Engine, QueueFull, Retired, UnknownModel
+from textmill.serving.engines.base import ModelEngine
+from textmill.serving.generation import Event, Generation
+from textmill.serving.limits import BodyLimit
+from textmill.serving.metrics import Metrics
+from textmill.serving.protocol import (VERSION_HEADER, ApiError, ChatRequest, CompletionRequest, GenerationFields, PromptInput,
                               SamplingFields)
-from serving.sampling import SamplingParams
+from textmill.serving.sampling import SamplingParams
 from textmill.config import ServingConfig
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from serving.protocol import ApiError, ChatMessage, message_text
+from textmill.serving.protocol import ApiError, ChatMessage, message_text
 
 # "plain": one "role: content" paragraph per message, then "assistant:" for the model to continue. For base GPT-2
 # models fine-tuned on plain text; pair it with a stop string such as "\nuser:" in requests.

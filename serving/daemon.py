@@ -14,12 +14,12 @@ import time
 
 import uvicorn
 
-from serving import settings as node_settings
-from serving.app import ServingState, create_app
-from serving.engine import Engine, EngineOptions
-from serving.limits import ConnectionGuard, connection_cap, guarded_protocol, raise_open_files_limit
-from serving.metrics import Metrics
-from serving.sync import Cached, Syncer
+from textmill.serving import settings as node_settings
+from textmill.serving.app import ServingState, create_app
+from textmill.serving.engine import Engine, EngineOptions
+from textmill.serving.limits import ConnectionGuard, connection_cap, guarded_protocol, raise_open_files_limit
+from textmill.serving.metrics import Metrics
+from textmill.serving.sync import Cached, Syncer
 from textmill.config import ServingConfig
 from textmill.errors import UserError
 from textmill.registry import UntrustedData, shown

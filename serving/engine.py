@@ -14,13 +14,13 @@ from typing import Any, Hashable
 import torch
 from cachetools import TTLCache
 
-from serving import result_cache
-from serving.engines import engine_class
-from serving.engines.base import EngineHealth, EngineSpec, LoadError, ModelEngine, QueueFull, Retired
-from serving.generation import Generation
-from serving.loading import resolve_device, resolve_dtype
-from serving.precision import DEFAULT_TOLERANCE
-from serving.sampling import SamplingParams
+from textmill.serving import result_cache
+from textmill.serving.engines import engine_class
+from textmill.serving.engines.base import EngineHealth, EngineSpec, LoadError, ModelEngine, QueueFull, Retired
+from textmill.serving.generation import Generation
+from textmill.serving.loading import resolve_device, resolve_dtype
+from textmill.serving.precision import DEFAULT_TOLERANCE
+from textmill.serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

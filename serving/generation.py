@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
-from serving.engines.base import EngineError, OutOfMemory, TokenStep
-from serving.sampling import SamplingParams, TextTracker
+from textmill.serving.engines.base import EngineError, OutOfMemory, TokenStep
+from textmill.serving.sampling import SamplingParams, TextTracker
 
 __all__ = ["EngineError", "Event", "Generation", "OutOfMemory", "TokenStep"]
 

@@ -20,8 +20,8 @@ from typing import Callable
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from serving import protocol
-from serving.protocol import ApiError
+from textmill.serving import protocol
+from textmill.serving.protocol import ApiError
 from textmill.errors import UserError
 
 log = logging.getLogger(__name__)

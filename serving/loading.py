@@ -37,7 +37,7 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", *,
     Raises whatever transformers raises for a bad folder, ValueError for a model whose fp32 loss is not finite."""
     from transformers import AutoTokenizer
 
-    from serving import precision
+    from textmill.serving import precision
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model, report = precision.load_model(Path(path), dtype, resolve_device(device), tokenizer.backend_tokenizer,

@@ -18,9 +18,9 @@ from typing import Callable, Hashable, Protocol
 
 from cachetools import TTLCache
 
-from serving.engines.base import TokenStep
-from serving.generation import Generation
-from serving.sampling import SamplingParams
+from textmill.serving.engines.base import TokenStep
+from textmill.serving.generation import Generation
+from textmill.serving.sampling import SamplingParams
 from textmill.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -108,7 +108,7 @@ def validate(cfg: ServingConfig) -> ServingConfig:
         raise UserError(f"serving.device={cfg.device!r} is invalid; use auto, cpu, cuda or cuda:N")
     if cfg.dtype not in DTYPES:
         raise UserError(f"serving.dtype={cfg.dtype!r} is invalid; choose one of {sorted(DTYPES)}")
-    from serving.engines import ENGINES
+    from textmill.serving.engines import ENGINES
 
     if cfg.engine not in ENGINES:
         raise UserError(f"serving.engine={cfg.engine!r} is not a known engine; choose one of {sorted(ENGINES)}")
@@ -122,13 +122,13 @@ def validate(cfg: ServingConfig) -> ServingConfig:
             raise UserError(f"serving.{key}={getattr(cfg, key)} is too small")
     if cfg.poll_interval <= 0 or not 0 <= cfg.poll_jitter < 1:
         raise UserError("serving.poll_interval must be > 0 and serving.poll_jitter in [0, 1)")
-    from serving.protocol import MAX_SEED
+    from textmill.serving.protocol import MAX_SEED
 
     if not 0 <= cfg.default_seed <= MAX_SEED:
         raise UserError(f"serving.default_seed={cfg.default_seed} must be in [0, {MAX_SEED}]")
     _validate_api_keys(cfg.api_keys)
     _validate_limits(cfg)
-    from serving.result_cache import check_url
+    from textmill.serving.result_cache import check_url
 
     check_url(cfg.cache_url)
     if not cfg.root:

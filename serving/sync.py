@@ -204,7 +204,7 @@ class Syncer:
 def main(argv: list[str]) -> int:
     """One sync pass (bucket registry -> verified local cache), then exit: for boot scripts and init containers.
     Exit 0 when every model's LATEST is cached, 1 when one failed (unreachable, verification), 2 on a usage mistake."""
-    from serving import settings as node_settings
+    from textmill.serving import settings as node_settings
 
     p = argparse.ArgumentParser(prog="textmill sync", description=main.__doc__)
     node_settings.add_arguments(p, server=False)

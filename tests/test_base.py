@@ -10,8 +10,8 @@ import yaml
 from tests.fixtures.clean_corpora import make_config, make_docs, write_clean
 from textmill import cli, config as config_mod, sizes, tokenizer, weights
 from textmill.errors import UserError
-from training import base
-from training.tf import checkpoint
+from textmill.training import base
+from textmill.training.tf import checkpoint
 
 
 @pytest.fixture(scope="module")

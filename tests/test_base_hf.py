@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from convert.cli import main as convert_main
+from textmill.convert.cli import main as convert_main
 from tests.fixtures.checkpoints import random_weights, tiny_hparams, tiny_tokenizer, write_openai_release
 from tests.test_openai_layout import _cfg
 from textmill import config as config_mod
 from textmill.errors import UserError
-from training import base, run
+from textmill.training import base, run
 
 
 @pytest.fixture(scope="module")

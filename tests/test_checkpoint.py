@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from textmill.errors import UserError
-from training.tf import checkpoint as ck
+from textmill.training.tf import checkpoint as ck
 
 
 @pytest.fixture()

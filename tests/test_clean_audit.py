@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.clean import drops_csv, main as clean_main
-from pipelines.steps.base import Doc
-from pipelines.steps.language import Language, distributions, make_detector
+from textmill.pipelines.clean import drops_csv, main as clean_main
+from textmill.pipelines.steps.base import Doc
+from textmill.pipelines.steps.language import Language, distributions, make_detector
 
 REPO = Path(__file__).resolve().parent.parent
 NOTICE = ("Notice to all visitors. The museum will be closed on Monday for maintenance work, and the garden will stay "

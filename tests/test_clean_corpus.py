@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipelines.clean import run_configured, settings_for
-from pipelines.clean_io import DOC_FIELDS, REJECTED_FIELDS, iter_docs
-from pipelines.clean_worker import Worker
-from pipelines.readers import ReadOptions, iter_records
+from textmill.pipelines.clean import run_configured, settings_for
+from textmill.pipelines.clean_io import DOC_FIELDS, REJECTED_FIELDS, iter_docs
+from textmill.pipelines.clean_worker import Worker
+from textmill.pipelines.readers import ReadOptions, iter_records
 from textmill import config as tconfig
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.clean import main as clean_main
+from textmill.pipelines.clean import main as clean_main
 from textmill import storage
 from textmill.errors import UserError
 

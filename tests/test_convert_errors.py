@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.cli import main as convert_main
+from textmill.convert.cli import main as convert_main
 from textmill import tokenizer as textmill_tok
 from textmill.errors import UserError
 from textmill.storage import sha256_file as textmill_sha256
@@ -120,7 +120,7 @@ def test_destination_exists(pristine, tmp_path):
 
 def test_verify_catches_a_wrong_mapping(release, monkeypatch):
     """Swap LayerNorm gain and bias in the name map: shapes still fit, so only the parity check can notice."""
-    from convert import names
+    from textmill.convert import names
 
     monkeypatch.setitem(names.PER_BLOCK, "ln_1/g", "ln_1.bias")
     monkeypatch.setitem(names.PER_BLOCK, "ln_1/b", "ln_1.weight")

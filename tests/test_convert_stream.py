@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save as torch_save
 
-from convert import names
-from convert.stream import SafetensorsWriter
-from convert.tf_to_hf import DTYPES, stored_bytes
+from textmill.convert import names
+from textmill.convert.stream import SafetensorsWriter
+from textmill.convert.tf_to_hf import DTYPES, stored_bytes
 from textmill.sizes import Hparams
 from textmill.weights import openai_shapes
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from textmill.errors import UserError
-from training import data
+from textmill.training import data
 
 
 def write_tokens(folder, train, val, dtype="uint16"):

@@ -17,10 +17,10 @@ import pytest
 import torch
 import uvicorn
 
-from serving import liveness
-from serving.app import ServingState, create_app
-from serving.engine import Engine, EngineOptions
-from serving.metrics import Metrics
+from textmill.serving import liveness
+from textmill.serving.app import ServingState, create_app
+from textmill.serving.engine import Engine, EngineOptions
+from textmill.serving.metrics import Metrics
 from textmill.config import ServingConfig
 from tests.fixtures.server import free_port
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.engine import Engine, EngineOptions
-from serving.engines import ENGINES, engine_class
-from serving.engines.base import EngineSpec, ModelEngine
-from serving.engines.batching import BatchingEngine
-from serving.generation import Generation
-from serving.loading import load_model
-from serving.sampling import SamplingParams
+from textmill.serving.engine import Engine, EngineOptions
+from textmill.serving.engines import ENGINES, engine_class
+from textmill.serving.engines.base import EngineSpec, ModelEngine
+from textmill.serving.engines.batching import BatchingEngine
+from textmill.serving.generation import Generation
+from textmill.serving.loading import load_model
+from textmill.serving.sampling import SamplingParams
 from tests.fixtures.engines import ScriptedEngine
 
 MODEL = "tiny"
@@ -67,7 +67,7 @@ def test_unknown_engine_names_the_choices(tiny_export):
         engine_class("vllm-please")
     with pytest.raises(ValueError, match="not a known engine"):
         Engine(EngineOptions(device="cpu", engine="nope"))
-    from serving import settings
+    from textmill.serving import settings
     from textmill.config import ServingConfig
     from textmill.errors import UserError
 

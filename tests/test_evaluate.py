@@ -15,14 +15,14 @@ import pytest
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from convert.cli import main as convert_main
+from textmill.convert.cli import main as convert_main
 from textmill import config as textmill_config
 from textmill.errors import UserError
 from tests.fixtures.checkpoints import (TEXTS, random_weights, tiny_config, tiny_hparams, tiny_tokenizer,
                                         write_openai_release, write_tokens)
 from textmill.weights import is_model_weight
-from training import data
-from training.evaluate import evaluate
+from textmill.training import data
+from textmill.training.evaluate import evaluate
 
 NAME = "tiny"
 VAL_TEXTS = ["Das Paket enthält Werkzeuge für die Verarbeitung von Text und Daten.",
@@ -33,7 +33,7 @@ VAL_TEXTS = ["Das Paket enthält Werkzeuge für die Verarbeitung von Text und Da
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """base (OpenAI layout) + tokens -> 6 real TF training steps (val every 2) -> convert the best step with --verify."""
-    from training.tf.trainer import train
+    from textmill.training.tf.trainer import train
 
     root = tmp_path_factory.mktemp("pipeline")
     cfg = tiny_config(root, NAME, steps=6, batch_size=4, n_ctx=32, eval_interval=2, checkpoint_interval=2,
@@ -66,7 +66,7 @@ def test_convert_textmill_run_best_step(pipeline):
 
 def test_convert_best_reads_best_step_not_latest(pipeline, tmp_path):
     """A run whose best validation was at an earlier, kept checkpoint: --step best converts that one."""
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     run = Path(shutil.copytree(pipeline["run"], tmp_path / "run"))
     state = json.loads((run / "textmill_state.json").read_text())
@@ -87,7 +87,7 @@ def tf_val_loss(prefix, hp, tokens, n_ctx) -> float:
     """The same validation protocol computed with the TF model directly (not through the trainer)."""
     import tensorflow as tf
 
-    from training.tf.model import load
+    from textmill.training.tf.model import load
 
     model = load(prefix, hp)
 

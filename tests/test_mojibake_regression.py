@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.clean_worker import Settings, Worker
-from pipelines.readers import Record
-from pipelines.steps.mojibake import Mojibake
+from textmill.pipelines.clean_worker import Settings, Worker
+from textmill.pipelines.readers import Record
+from textmill.pipelines.steps.mojibake import Mojibake
 
 VALID = [line for line in (Path(__file__).parent / "data/valid-non-ascii.txt").read_text(encoding="utf-8").splitlines()
          if line and not line.startswith("# ")]

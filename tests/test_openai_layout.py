@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from convert.sources import resolve
+from textmill.convert.sources import resolve
 from tests.fixtures.checkpoints import random_weights, tiny_hparams, tiny_tokenizer, write_gpt2_simple_run
 from textmill.errors import UserError
-from training import openai_layout
+from textmill.training import openai_layout
 
 # The same state file as written by gpt-2-simple on other machines (the proto's string values are C-escaped).
 FOREIGN = {
@@ -79,8 +79,8 @@ def test_unreadable_state_file_is_one_line_with_its_line_number(tmp_path):
 @pytest.mark.parametrize("machine", ["colab", "windows"])
 def test_base_fetch_of_a_foreign_run_uses_the_files_beside_it(pristine, tmp_path, machine):
     from tests.test_base import fetch_cfg
-    from training import base
-    from training.tf import checkpoint
+    from textmill.training import base
+    from textmill.training.tf import checkpoint
 
     run = copied_from(pristine, tmp_path, machine)
     cfg = fetch_cfg((None, _cfg(tmp_path, pristine[1])), run)

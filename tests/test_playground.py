@@ -11,9 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
-import zipfile
-from fnmatch import fnmatch
 from pathlib import Path
 
 import httpx
@@ -315,24 +312,6 @@ def test_page_and_assets_come_from_the_server_with_a_csp(server):
         text = f.read_text(encoding="utf-8").replace('xmlns="http://www.w3.org/2000/svg"', "")
         assert not re.search(r"(https?:)?//[\w.-]+\.\w+/", text), f.name
     assert httpx.get(server.url + "/static/../app.py").status_code == 404
-
-
-def test_wheel_ships_the_static_files(tmp_path):
-    """A wheel built from the project (not an editable install) carries every file the page needs."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    for pkg in ("textmill", "pipelines", "training", "convert", "serving"):
-        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["serving"]
-    assert all(any(fnmatch(f"static/{f.name}", g) for g in globs) for f in STATIC.iterdir())
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    (wheel,) = (tmp_path / "dist").glob("textmill-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"serving/static/{f.name}" for f in STATIC.iterdir()} <= names
 
 
 # ---- last: it stops the module's server ----------------------------------------------------------------------------

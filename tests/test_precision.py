@@ -13,10 +13,10 @@ import openai
 import pytest
 import torch
 
-from serving import precision
-from serving.engine import Engine, EngineOptions
-from serving.generation import Generation
-from serving.sampling import SamplingParams
+from textmill.serving import precision
+from textmill.serving.engine import Engine, EngineOptions
+from textmill.serving.generation import Generation
+from textmill.serving.sampling import SamplingParams
 from tests.fixtures.models import CORPUS
 from tests.fixtures.server import API_KEY, ServeProcess
 from textmill import tokenizer as textmill_tok
@@ -125,7 +125,7 @@ def test_int8_engine_text_is_the_same_alone_or_batched(tiny_export):
 @pytest.mark.parametrize("requested", ["auto", "int8", "bfloat16"])
 def test_impossible_tolerance_falls_back_to_fp32_logged(trained, caplog, requested):
     model, _, sample = trained
-    with caplog.at_level(logging.WARNING, logger="serving.precision"):
+    with caplog.at_level(logging.WARNING, logger="textmill.serving.precision"):
         chosen, report = precision.select(model, requested, CPU, sample, tolerance=0.0)
     assert chosen is model and report.chosen == "float32" and report.loss_delta == 0.0
     expected = precision.plan(requested, CPU)[:-1]   # every candidate before fp32 was tried, in order, and refused
@@ -177,7 +177,7 @@ def test_plan_orders_candidates_fastest_first_and_refuses_bad_requests():
 
 
 def test_auto_records_its_choice_in_the_engine_and_metrics(tiny_export):
-    from serving.metrics import Metrics
+    from textmill.serving.metrics import Metrics
 
     metrics = Metrics()
     engine = Engine(EngineOptions(device="cpu", dtype="auto"), metrics)
@@ -230,7 +230,7 @@ def test_malformed_published_sample_falls_back_to_shipped_text(tiny_export, tmp_
     folder = shutil.copytree(tiny_export, tmp_path / "version")
     (folder / precision.SAMPLE_FILE).write_text(content, encoding="utf-8")
     _, tok = load_export(folder)
-    with caplog.at_level(logging.WARNING, logger="serving.precision"):
+    with caplog.at_level(logging.WARNING, logger="textmill.serving.precision"):
         ids, source = precision.load_sample(folder, tok, 512)
     assert source == "shipped text" and len(ids) > 100
     assert any(str(folder / precision.SAMPLE_FILE) in r.getMessage() for r in caplog.records)
@@ -239,7 +239,7 @@ def test_malformed_published_sample_falls_back_to_shipped_text(tiny_export, tmp_
 @pytest.fixture(scope="module")
 def converted_with_sample(tmp_path_factory):
     """`textmill convert --tokens` of a tiny OpenAI-layout release: the export carries val_sample.json."""
-    from convert.cli import main as convert_main
+    from textmill.convert.cli import main as convert_main
     from tests.fixtures.checkpoints import random_weights, tiny_hparams, tiny_tokenizer, write_openai_release, write_tokens
 
     root = tmp_path_factory.mktemp("convert-sample")
@@ -263,7 +263,7 @@ def test_convert_writes_the_val_sample(converted_with_sample):
 
 
 def test_published_val_sample_is_synced_and_used(converted_with_sample, registry_root, tmp_path):
-    from serving.sync import Syncer
+    from textmill.serving.sync import Syncer
     from textmill.config import ServingConfig
 
     export, val_ids, tok = converted_with_sample
@@ -314,7 +314,7 @@ def test_server_with_dtype_int8_answers_completions(tiny_export, tmp_path):
 def test_bad_precision_settings_are_one_line_errors(tmp_path, flags, message):
     import argparse
 
-    from serving import settings
+    from textmill.serving import settings
     from textmill.errors import UserError
 
     parser = argparse.ArgumentParser()

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines import prepare
+from textmill.pipelines import prepare
 from tests.fixtures.clean_corpora import make_config, make_docs, write_clean
 from textmill import cli, config as config_mod, tokenizer
 from textmill.errors import UserError
-from training import data
+from textmill.training import data
 
 EOT = tokenizer.EOT
 

@@ -28,7 +28,7 @@ def evaluated(tiny_export, tiny_export_factory, tmp_path_factory):
     """A project whose export was scored by the real `evaluate` (report in reports/eval/tiny.json), and a params.yaml."""
     from tokenizers import Tokenizer
 
-    from training.evaluate import evaluate
+    from textmill.training.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("gate")
     shutil.copytree(tiny_export, root / "models" / "export" / MODEL)

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.readers import ReadOptions, iter_records, resolve
-from pipelines.readers.encoding import detect
+from textmill.pipelines.readers import ReadOptions, iter_records, resolve
+from textmill.pipelines.readers.encoding import detect
 from textmill.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.clean import main as clean_main
-from pipelines.clean_worker import Settings, Worker
-from pipelines.readers import RawCorpus, ReadOptions, iter_records
-from pipelines.readers.encoding import BLOCK, first_bad_offset
+from textmill.pipelines.clean import main as clean_main
+from textmill.pipelines.clean_worker import Settings, Worker
+from textmill.pipelines.readers import RawCorpus, ReadOptions, iter_records
+from textmill.pipelines.readers.encoding import BLOCK, first_bad_offset
 from textmill.errors import UserError
 
 LONG = "The harbour master logged every vessel that entered the bay before the storm reached the coast."
@@ -286,7 +286,7 @@ def test_configured_corpus_takes_include_exclude_and_dialect_from_its_config(tmp
     """The same settings through configs/corpus/<name>.yaml keys (params.yaml), as the DVC stage runs them."""
     from omegaconf import OmegaConf
 
-    from pipelines.clean import run_configured
+    from textmill.pipelines.clean import run_configured
 
     raw = tmp_path / "raw/kaggle"
     raw.mkdir(parents=True)

@@ -10,10 +10,10 @@ import time
 import pytest
 import redis
 
-from serving import result_cache, settings
-from serving.engine import Engine, EngineOptions
-from serving.metrics import Metrics
-from serving.sampling import SamplingParams
+from textmill.serving import result_cache, settings
+from textmill.serving.engine import Engine, EngineOptions
+from textmill.serving.metrics import Metrics
+from textmill.serving.sampling import SamplingParams
 from textmill.config import ServingConfig
 from textmill.errors import UserError
 from tests.fixtures.redis_server import redis_server  # noqa: F401  (fixture)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.clean import main as clean_main
+from textmill.pipelines.clean import main as clean_main
 from tests.fixtures.clean_corpora import make_config
 from textmill import storage
 from textmill.errors import UserError
@@ -42,7 +42,7 @@ def test_unreachable_http_hosts_are_one_line(tmp_path):
 
 
 def test_base_fetch_from_an_unreachable_host(tmp_path):
-    from training.base import fetch
+    from textmill.training.base import fetch
 
     uri = f"http://127.0.0.1:{closed_port()}/gpt2/124M"
     cfg = make_config(tmp_path, {"m": ["c"]})

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.clean import main as clean_main
-from pipelines.steps.base import Doc
-from pipelines.steps.near_dup import NearDedup, Shingler
+from textmill.pipelines.clean import main as clean_main
+from textmill.pipelines.steps.base import Doc
+from textmill.pipelines.steps.near_dup import NearDedup, Shingler
 from textmill import config as C
 from textmill.errors import UserError
 from textmill.storage import atomic_path
@@ -142,7 +142,7 @@ def test_missing_extra_names_the_pip_extra(tmp_path):
 def test_json_array_elements_larger_than_the_read_block(tmp_path):
     import io
 
-    from pipelines.readers.formats import JSON_BLOCK, read_json_array
+    from textmill.pipelines.readers.formats import JSON_BLOCK, read_json_array
 
     items = [{"id": "a", "text": "x" * (JSON_BLOCK * 5 + 7)}, {"id": "b", "text": "y"}, {"id": "c", "text": "é" * JSON_BLOCK}]
     rows = list(read_json_array(io.StringIO(json.dumps(items)), "t.json"))
@@ -150,7 +150,7 @@ def test_json_array_elements_larger_than_the_read_block(tmp_path):
 
 
 def test_stop_string_completed_by_a_held_back_tail_is_not_leaked():
-    from serving.sampling import TextTracker
+    from textmill.serving.sampling import TextTracker
 
     class Bytes:  # a byte-level tokenizer: id i decodes to the bytes in TABLE[i]
         TABLE = {0: b"a", 1: b"b\xe2"}
@@ -165,7 +165,7 @@ def test_stop_string_completed_by_a_held_back_tail_is_not_leaked():
 
 
 def test_a_version_that_failed_to_load_is_retried_with_backoff():
-    from serving.daemon import LoadFailures
+    from textmill.serving.daemon import LoadFailures
 
     now = [0.0]
     f = LoadFailures(first_s=60, max_s=300, clock=lambda: now[0])

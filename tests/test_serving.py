@@ -256,8 +256,8 @@ def test_metrics_exposed(server):
 
 
 def test_serving_never_imports_tensorflow():
-    code = ("import sys; import serving.daemon, serving.app, serving.sync, serving.engine, serving.metrics; "
-            "from serving.app import create_app; assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
+    code = ("import sys; import textmill.serving.daemon, textmill.serving.app, textmill.serving.sync, textmill.serving.engine, textmill.serving.metrics; "
+            "from textmill.serving.app import create_app; assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from serving.engine import Engine, EngineOptions, Retired
-from serving.engines import ENGINES
-from serving.generation import Generation
-from serving.sampling import SamplingParams, TextTracker, sample
+from textmill.serving.engine import Engine, EngineOptions, Retired
+from textmill.serving.engines import ENGINES
+from textmill.serving.generation import Generation
+from textmill.serving.sampling import SamplingParams, TextTracker, sample
 from tests.fixtures.engines import HookedBatchingEngine
 
 MODEL = "tiny"
@@ -136,9 +136,9 @@ def test_hot_swap_finishes_in_flight_on_the_old_version(tiny_export, tiny_export
 
 
 def test_node_falls_back_to_a_cached_version_when_latest_will_not_load(tiny_export, tmp_path):
-    from serving.daemon import Node
-    from serving.metrics import Metrics
-    from serving.sync import Syncer
+    from textmill.serving.daemon import Node
+    from textmill.serving.metrics import Metrics
+    from textmill.serving.sync import Syncer
     from textmill.config import ServingConfig
     from textmill.registry import Registry
 

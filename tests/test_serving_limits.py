@@ -19,10 +19,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from serving import settings as node_settings
-from serving.app import ServingState
-from serving.engine import Engine, EngineOptions
-from serving.metrics import Metrics
+from textmill.serving import settings as node_settings
+from textmill.serving.app import ServingState
+from textmill.serving.engine import Engine, EngineOptions
+from textmill.serving.metrics import Metrics
 from tests.fixtures.server import API_KEY, AppServer, ServeProcess
 from textmill.config import ServingConfig
 from textmill.errors import UserError
@@ -383,7 +383,7 @@ def failing_app():
 
 @pytest.mark.parametrize("path", ["/v1/models", "/info"])
 def test_unexpected_exception_is_openai_500_with_request_id(failing_app, path, caplog):
-    with caplog.at_level(logging.ERROR, logger="serving.app"):
+    with caplog.at_level(logging.ERROR, logger="textmill.serving.app"):
         r = httpx.get(failing_app.url + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     err = assert_openai_error(r.json(), "internal_error")

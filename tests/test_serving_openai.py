@@ -12,8 +12,8 @@ import openai
 import pytest
 import torch
 
-from serving.loading import load_model
-from serving.protocol import token_text
+from textmill.serving.loading import load_model
+from textmill.serving.protocol import token_text
 from tests.fixtures.server import API_KEY, ServeProcess
 from textmill.registry import Registry
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from serving.sync import Syncer
+from textmill.serving.sync import Syncer
 from tests.fixtures.server import API_KEY, ServeProcess, free_port
 from textmill.config import ServingConfig
 from textmill.registry import MANIFEST, Registry

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from serving import settings as node_settings
-from serving.sync import Syncer
+from textmill.serving import settings as node_settings
+from textmill.serving.sync import Syncer
 from textmill.config import ServingConfig
 from textmill.registry import MANIFEST, Registry
 

@@ -13,9 +13,9 @@ from textmill import weights
 from textmill.config import TrainingConfig
 from textmill.errors import UserError
 from textmill.sizes import Hparams
-from training.tf.model import GPT2, load
-from training.tf.optim import AdamW, Schedule
-from training.tf.trainer import Trainer
+from textmill.training.tf.model import GPT2, load
+from textmill.training.tf.optim import AdamW, Schedule
+from textmill.training.tf.trainer import Trainer
 
 HP = Hparams(n_vocab=300, n_ctx=32, n_embd=32, n_head=2, n_layer=2)
 RNG = np.random.default_rng(0)
@@ -82,7 +82,7 @@ def test_assign_names_the_mismatched_variable():
 
 
 def test_load_restores_an_openai_layout_folder(tmp_path):
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     values = dict(weights.init_numpy(HP, 5))
     checkpoint.save({**values, "model/h0/attn/c_attn/w/Adam": np.zeros((1, 32, 96), np.float32)}, tmp_path / "model.ckpt")

@@ -23,8 +23,8 @@ def to_hf_base(root: Path) -> None:
 
     from textmill import tokenizer as tok_io
     from textmill.sizes import to_hf_config_kwargs
-    from training import openai_layout
-    from training.pt.trainer import openai_state_dict
+    from textmill.training import openai_layout
+    from textmill.training.pt.trainer import openai_state_dict
 
     base = root / "models/base/m"
     hp = openai_layout.read_hparams(base)
@@ -39,7 +39,7 @@ def to_hf_base(root: Path) -> None:
 
 def test_two_processes_match_one_with_twice_the_accumulation(tmp_path):
     from textmill.config import PathsConfig
-    from training.pt.trainer import train
+    from textmill.training.pt.trainer import train
 
     steps = 4
     root = make_env(tmp_path, **{**PT, "steps": steps, "batch_size": 2, "grad_accum": 1, "eval_interval": 2,

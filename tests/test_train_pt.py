@@ -35,7 +35,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
-    from training.pt.trainer import train
+    from textmill.training.pt.trainer import train
 
     root = make_env(tmp_path_factory.mktemp("pt"), **PT)
     report = train(load_cfg(root), "m", progress=False)
@@ -63,7 +63,7 @@ def test_run_folder_report_and_curves(trained):
 def test_model_uses_sdpa_attention_and_openai_math():
     import torch
 
-    from training.pt.trainer import build_model
+    from textmill.training.pt.trainer import build_model
 
     model = build_model(HP, 0, torch.device("cpu"))
     cfg = model.config
@@ -76,8 +76,8 @@ def test_initial_val_loss_matches_the_tf_model_of_the_base(trained):
     """The OpenAI-layout base read into GPT2LMHeadModel is the same function TF computes (the shared protocol)."""
     import tensorflow as tf
 
-    from training import data
-    from training.tf.model import load
+    from textmill.training import data
+    from textmill.training.tf.model import load
 
     root, report = trained
     model = load(root / "models/base/m")
@@ -88,8 +88,8 @@ def test_initial_val_loss_matches_the_tf_model_of_the_base(trained):
 
 
 def test_convert_then_evaluate_reproduces_the_trainers_val_loss(trained):
-    from convert.cli import main as convert_main
-    from training.evaluate import evaluate
+    from textmill.convert.cli import main as convert_main
+    from textmill.training.evaluate import evaluate
 
     root, report = trained
     export = root / "models/export/m"
@@ -116,7 +116,7 @@ def committed_step(run: Path) -> int:
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     from textmill.config import PathsConfig
-    from training.pt.trainer import train
+    from textmill.training.pt.trainer import train
 
     root = make_env(tmp_path, **{**PT, "steps": 12, "checkpoint_interval": 2, "eval_interval": 6,
                                  "grad_accum": 2, "batch_size": 2})
@@ -158,12 +158,12 @@ def test_hf_base_trains_with_pt_and_tf_refuses_it_in_one_line(trained, tmp_path,
     import shutil
 
     from textmill.cli import main as cli_main
-    from training.pt.trainer import train
+    from textmill.training.pt.trainer import train
 
     root, report = trained
     export = root / "models/export/m"
     if not export.exists():
-        from convert.cli import main as convert_main
+        from textmill.convert.cli import main as convert_main
 
         convert_main([str(root / "models/runs/m"), str(export)])
     hf_root = make_env(tmp_path, **{**PT, "steps": 2, "eval_interval": 2, "checkpoint_interval": 2, "sample_interval": 0})
@@ -184,7 +184,7 @@ def test_hf_base_trains_with_pt_and_tf_refuses_it_in_one_line(trained, tmp_path,
 def test_memory_planner_splits_the_batch_to_fit_and_says_when_nothing_fits():
     from textmill.config import TrainingConfig
     from textmill.sizes import from_name
-    from training.pt import memory
+    from textmill.training.pt import memory
 
     medium, large = from_name("355M"), from_name("774M")
     tc = TrainingConfig(batch_size=16, grad_accum=2, n_ctx=1024, precision="mixed_float16", memory_gb=16)
@@ -202,7 +202,7 @@ def test_memory_planner_splits_the_batch_to_fit_and_says_when_nothing_fits():
 
 
 def test_planned_split_is_used_and_recorded(tmp_path):
-    from training.pt.trainer import train
+    from textmill.training.pt.trainer import train
 
     root = make_env(tmp_path, **{**PT, "steps": 2, "eval_interval": 2, "checkpoint_interval": 2, "sample_interval": 0,
                                  "batch_size": 4, "memory_gb": 0.0012})
@@ -215,9 +215,9 @@ def test_planned_split_is_used_and_recorded(tmp_path):
 def test_lora_trains_adapters_only_and_export_merges_them(tmp_path):
     from safetensors.numpy import load_file
 
-    from convert.cli import main as convert_main
-    from training.pt.trainer import openai_state_dict, train
-    from training import openai_layout
+    from textmill.convert.cli import main as convert_main
+    from textmill.training.pt.trainer import openai_state_dict, train
+    from textmill.training import openai_layout
 
     root = make_env(tmp_path, **{**PT, "steps": 3, "eval_interval": 3, "checkpoint_interval": 3, "sample_interval": 0,
                                  "lora_rank": 4, "lora_alpha": 8.0, "learning_rate": 3e-2})
@@ -238,7 +238,7 @@ def test_lora_trains_adapters_only_and_export_merges_them(tmp_path):
 def test_mixed_float16_trains_with_a_grad_scaler_and_checkpoints_it(tmp_path):
     import torch
 
-    from training.pt.trainer import train
+    from textmill.training.pt.trainer import train
 
     root = make_env(tmp_path, **{**PT, "steps": 2, "eval_interval": 2, "checkpoint_interval": 1, "sample_interval": 0,
                                  "precision": "mixed_float16"})
@@ -258,7 +258,7 @@ def test_pytorch_only_settings_are_refused_for_the_tf_backend(override):
 
 
 def test_run_core_and_layout_reader_import_no_framework():
-    code = ("import sys, training.run, training.openai_layout, convert.sources, training.pt.memory; "
+    code = ("import sys, textmill.training.run, textmill.training.openai_layout, textmill.convert.sources, textmill.training.pt.memory; "
             "bad = [m for m in ('tensorflow', 'torch') if m in sys.modules]; assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -269,8 +269,8 @@ def test_bfloat16_training_validates_in_float32(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from training import data
-    from training.pt.trainer import build_model, load_weights, train
+    from textmill.training import data
+    from textmill.training.pt.trainer import build_model, load_weights, train
 
     root = make_env(tmp_path, **{**PT, "steps": 2, "eval_interval": 2, "checkpoint_interval": 2, "sample_interval": 0,
                                  "precision": "bfloat16"})

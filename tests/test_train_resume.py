@@ -39,8 +39,8 @@ def kill_after_first_checkpoint(root: Path) -> int:
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
-    from training.tf import checkpoint
-    from training.tf.trainer import train
+    from textmill.training.tf import checkpoint
+    from textmill.training.tf.trainer import train
 
     root = make_env(tmp_path, steps=60, checkpoint_interval=5, eval_interval=10, sample_interval=10)
     cfg = load_cfg(root)
@@ -80,7 +80,7 @@ MIRRORED = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from tests.test_train_tf import load_cfg
-    from training.tf.trainer import train
+    from textmill.training.tf.trainer import train
     precision = sys.argv[2] if len(sys.argv) > 2 else "float32"
     report = train(load_cfg(Path(sys.argv[1]), steps=4, batch_size=2, grad_accum=2, distribute="mirrored",
                             eval_interval=2, precision=precision), "m", progress=False)
@@ -89,7 +89,7 @@ MIRRORED = textwrap.dedent("""
 
 
 def test_two_replicas_under_mirrored_strategy_match_one_device(tmp_path):
-    from training.tf.trainer import train
+    from textmill.training.tf.trainer import train
 
     root = make_env(tmp_path)
     done = subprocess.run([sys.executable, "-c", MIRRORED, str(root)], cwd=REPO, env=ENV, capture_output=True, text=True,

@@ -31,7 +31,7 @@ def licence_paragraphs() -> list[str]:
 
 def make_env(root: Path, *, hp: Hparams = HP, **training) -> Path:
     """A repo-shaped folder: models/base/m (OpenAI layout, scratch weights), data/tokens/m, params.yaml. Returns it."""
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     docs = licence_paragraphs()
     tok = tok_io.train_bpe(docs, hp.n_vocab)
@@ -75,7 +75,7 @@ def metric(root: Path, name: str, reports: str = "reports") -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from training.tf.trainer import train
+    from textmill.training.tf.trainer import train
 
     root = make_env(tmp_path_factory.mktemp("train"))
     report = train(load_cfg(root), "m", progress=False)
@@ -94,7 +94,7 @@ def test_run_folder_has_gpt2_simple_layout(trained):
 
 
 def test_checkpoint_holds_weights_and_resume_state(trained):
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     root, _ = trained
     names = checkpoint.list_variables(root / "models/runs/m/model-30")
@@ -124,8 +124,8 @@ def test_val_loss_is_the_shared_protocol(trained):
     """The trainer's final val loss equals a fresh evaluation of model-30 with training.data's protocol."""
     import tensorflow as tf
 
-    from training import data
-    from training.tf.model import load
+    from textmill.training import data
+    from textmill.training.tf.model import load
 
     root, report = trained
     model = load(root / "models/runs/m")
@@ -140,9 +140,9 @@ def test_val_loss_is_float32_whatever_the_training_precision(tmp_path):
     # evaluate (transformers, float32) must reproduce the trainer's val loss to 1e-3; a bf16 eval was ~3e-3 off.
     import tensorflow as tf
 
-    from training import data
-    from training.tf.model import load
-    from training.tf.trainer import train
+    from textmill.training import data
+    from textmill.training.tf.model import load
+    from textmill.training.tf.trainer import train
 
     root = make_env(tmp_path)
     report = train(load_cfg(root, steps=4, eval_interval=4, checkpoint_interval=4, sample_interval=0,
@@ -154,7 +154,7 @@ def test_val_loss_is_float32_whatever_the_training_precision(tmp_path):
     assert report["val_loss"] == pytest.approx(data.mean_loss(losses), abs=1e-5)
 
 def test_changed_settings_are_refused_then_restart_works(trained, capsys):
-    from training.train import main
+    from textmill.training.train import main
 
     root, _ = trained
     args = ["m", "--params", str(root / "params.yaml"), "--no-progress"]
@@ -172,7 +172,7 @@ def test_changed_settings_are_refused_then_restart_works(trained, capsys):
 
 def test_restart_if_stale_starts_over_when_settings_change(trained, capsys):
     # What `dvc repro` runs: the run folder persists (so a killed run resumes), but changed settings mean a fresh run.
-    from training.train import main
+    from textmill.training.train import main
 
     root, _ = trained
     args = ["m", "--params", str(root / "params.yaml"), "--no-progress", "--restart-if-stale"]
@@ -184,7 +184,7 @@ def test_restart_if_stale_starts_over_when_settings_change(trained, capsys):
     assert state["step"] == 12 and max(map(int, state["val_loss_by_step"])) == 12
 
 def test_best_checkpoint_survives_max_to_keep_and_early_stopping(tmp_path):
-    from training.tf.trainer import Session
+    from textmill.training.tf.trainer import Session
 
     root = make_env(tmp_path)
     session = Session(load_cfg(root, steps=40, eval_interval=5, checkpoint_interval=5, max_to_keep=1,
@@ -202,8 +202,8 @@ def test_best_checkpoint_survives_max_to_keep_and_early_stopping(tmp_path):
 
 def test_fingerprint_changes_with_the_base_weights(tmp_path):
     # Pointing base.uri at another checkpoint of the same size must not "resume" the old run under dvc repro.
-    from training.tf import checkpoint
-    from training.tf.trainer import fingerprint
+    from textmill.training.tf import checkpoint
+    from textmill.training.tf.trainer import fingerprint
 
     root = make_env(tmp_path)
     cfg = load_cfg(root)

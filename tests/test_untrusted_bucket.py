@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.sync import Syncer
+from textmill.serving.sync import Syncer
 from tests.test_registry import make_export
 from textmill.config import ServingConfig
 from textmill.registry import LATEST, MANIFEST, Registry, UntrustedData, check_file_path, make_version

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from convert.verify import greedy, greedy_divergence
+from textmill.convert.verify import greedy, greedy_divergence
 
 
 def test_greedy_may_choose_eot_and_reports_logits():

@@ -11,18 +11,18 @@ from textmill.errors import UserError
 
 # verb -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
 VERBS: dict[str, tuple[str, str]] = {
-    "clean": ("pipelines.clean:main", "clean a raw corpus (configured name, or --raw PATH... --out DIR)"),
-    "base": ("training.base:main", "make models/base/<model>/ (fetch an OpenAI-layout checkpoint or init from scratch)"),
-    "prepare": ("pipelines.prepare:main", "split + tokenize a model's clean corpora into data/tokens/<model>/"),
-    "train": ("training.train:main", "train a model (training.backend tf: gpt-2-simple layout | pt: PyTorch, torchrun)"),
-    "convert": ("convert.cli:main", "convert a TF checkpoint (OpenAI / gpt-2-simple / textmill run) or a PyTorch run to a HF folder"),
-    "evaluate": ("training.evaluate:main", "validation loss/perplexity of an exported model with transformers"),
+    "clean": ("textmill.pipelines.clean:main", "clean a raw corpus (configured name, or --raw PATH... --out DIR)"),
+    "base": ("textmill.training.base:main", "make models/base/<model>/ (fetch an OpenAI-layout checkpoint or init from scratch)"),
+    "prepare": ("textmill.pipelines.prepare:main", "split + tokenize a model's clean corpora into data/tokens/<model>/"),
+    "train": ("textmill.training.train:main", "train a model (training.backend tf: gpt-2-simple layout | pt: PyTorch, torchrun)"),
+    "convert": ("textmill.convert.cli:main", "convert a TF checkpoint (OpenAI / gpt-2-simple / textmill run) or a PyTorch run to a HF folder"),
+    "evaluate": ("textmill.training.evaluate:main", "validation loss/perplexity of an exported model with transformers"),
     "publish": ("textmill.registry_cli:publish_main", "publish an export folder as a new version in the bucket registry"),
     "models": ("textmill.registry_cli:models_main", "list models/versions in a registry (ls, show)"),
     "rollback": ("textmill.registry_cli:rollback_main", "point a model's LATEST at an earlier version"),
     "gc": ("textmill.registry_cli:gc_main", "delete old versions of a model, keeping N and the live one"),
-    "sync": ("serving.sync:main", "one sync pass: bucket -> local verified cache, then exit"),
-    "serve": ("serving.daemon:main", "run the serving daemon (sync loop + OpenAI-compatible HTTP API)"),
+    "sync": ("textmill.serving.sync:main", "one sync pass: bucket -> local verified cache, then exit"),
+    "serve": ("textmill.serving.daemon:main", "run the serving daemon (sync loop + OpenAI-compatible HTTP API)"),
     "retrain": ("textmill.retrain:main", "scheduled retrain: dvc repro of the pipeline, then publish behind the gate"),
     "params": ("textmill.config:main", "regenerate params.yaml from configs/ (Hydra composition)"),
 }
@@ -38,7 +38,7 @@ def _usage() -> str:
 # verb -> the pip extra that brings its dependencies (a serving node installs only textmill[serve]).
 EXTRAS = {"clean": "clean", "base": "tf", "train": "tf", "convert": "tf,torch", "evaluate": "torch", "sync": "serve",
           "serve": "serve", "retrain": "pipeline"}
-OWN_PACKAGES = {"textmill", "pipelines", "training", "convert", "serving"}
+OWN_PACKAGES = {"textmill"}  # the card's folders install as textmill.<folder> (pyproject.toml package-dir)
 
 
 def run_verb(verb: str, argv: list[str]) -> int:

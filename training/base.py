@@ -15,11 +15,11 @@ from typing import Iterator
 from fsspec.callbacks import TqdmCallback
 from tqdm import tqdm
 
-from pipelines.clean_io import iter_docs
+from textmill.pipelines.clean_io import iter_docs
 from textmill import config as config_mod
 from textmill import sizes, storage, tokenizer, weights
 from textmill.errors import UserError
-from training import openai_layout
+from textmill.training import openai_layout
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def corpus_texts(cfg: config_mod.Config, model: str) -> Iterator[str]:
 
 def scratch(cfg: config_mod.Config, model: str, folder: Path, *, show_progress: bool = True) -> sizes.Hparams:
     """Train a byte-level BPE on the model's corpora and write fresh OpenAI-init weights sized by `model.size`."""
-    from training.tf import checkpoint  # TF costs seconds to import: only the paths that write checkpoints pay it
+    from textmill.training.tf import checkpoint  # TF costs seconds to import: only the paths that write checkpoints pay it
 
     tok = tokenizer.train_bpe(corpus_texts(cfg, model), cfg.model.vocab_size, show_progress=show_progress)
     n_vocab = tokenizer.vocab_size(tok)
@@ -82,7 +82,7 @@ def _source_prefix(fs, root: str, uri: str, folder: Path) -> str:
 
 def fetch(cfg: config_mod.Config, uri: str, folder: Path) -> sizes.Hparams:
     """Copy an OpenAI-layout folder from any fsspec URI into `folder` (normalised to model.ckpt), then check it."""
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     fs, root = storage.filesystem(uri)
     folder.mkdir(parents=True)
@@ -119,7 +119,7 @@ def check(cfg: config_mod.Config, folder: Path, *, source: str) -> sizes.Hparams
 
 
 def _check_variables(prefix: Path, hp: sizes.Hparams, source: str) -> None:
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     have = checkpoint.list_variables(prefix)
     expected = weights.openai_shapes(hp)
@@ -183,8 +183,8 @@ def check_hf(cfg: config_mod.Config, folder: Path, *, source: str) -> sizes.Hpar
     """config.json is a GPT-2 of `model.size`; the tokenizer has n_vocab tokens; every weight has its shape."""
     from safetensors import safe_open
 
-    from convert.names import hf_shapes
-    from training import run
+    from textmill.convert.names import hf_shapes
+    from textmill.training import run
 
     missing = [f for f in HF_FILES if not (folder / f).is_file()]
     if missing or not any(folder.glob("*.safetensors")):

@@ -23,7 +23,7 @@ from textmill import config as textmill_config
 from textmill.errors import UserError
 from textmill.registry import export_identity
 from textmill.storage import read_json, write_json_atomic, write_text_atomic
-from training import data
+from textmill.training import data
 
 log = logging.getLogger(__name__)
 

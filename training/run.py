@@ -29,7 +29,7 @@ from textmill import tokenizer as tokenizer_io
 from textmill.config import Config, TrainingConfig, to_dict
 from textmill.errors import UserError
 from textmill.sizes import Hparams, from_hf_config
-from training import data, openai_layout
+from textmill.training import data, openai_layout
 
 log = logging.getLogger(__name__)
 

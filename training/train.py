@@ -23,10 +23,10 @@ def main(argv: list[str]) -> int:
     cfg = config_mod.from_args(args)
     cfg.model_spec(args.model)
     if cfg.training.backend == "pt":
-        from training.pt.trainer import train  # torch only: TensorFlow is not imported for a PyTorch run
+        from textmill.training.pt.trainer import train  # torch only: TensorFlow is not imported for a PyTorch run
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from training.tf.trainer import train  # TensorFlow loads only here (6 s)
+        from textmill.training.tf.trainer import train  # TensorFlow loads only here (6 s)
 
     report = train(cfg, args.model, restart=args.restart, restart_if_stale=args.restart_if_stale,
                    progress=not args.no_progress)

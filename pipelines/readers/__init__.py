@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pipelines.readers import archives, dialect as dialects, encoding, formats
-from pipelines.readers.archives import Leaf
-from pipelines.readers.formats import Malformed
-from pipelines.readers.values import normalise_record
+from textmill.pipelines.readers import archives, dialect as dialects, encoding, formats
+from textmill.pipelines.readers.archives import Leaf
+from textmill.pipelines.readers.formats import Malformed
+from textmill.pipelines.readers.values import normalise_record
 from textmill.errors import UserError
 
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
-from pipelines.readers.dialect import Dialect
-from pipelines.readers.encoding import Overlong
+from textmill.pipelines.readers.dialect import Dialect
+from textmill.pipelines.readers.encoding import Overlong
 from textmill.errors import UserError
 
 JSON_BLOCK = 1 << 16

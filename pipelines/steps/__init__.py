@@ -1,11 +1,11 @@
 """Cleaning steps, one file each. REPAIRS run on every record's fields; CORPUS_STEPS are opted into per corpus (`steps:`)."""
 
-from pipelines.steps.control_chars import ControlChars
-from pipelines.steps.dedent import Dedent
-from pipelines.steps.html_entities import HtmlEntities
-from pipelines.steps.mojibake import Mojibake
-from pipelines.steps.newlines import Newlines
-from pipelines.steps.page_headers import PageHeaders
+from textmill.pipelines.steps.control_chars import ControlChars
+from textmill.pipelines.steps.dedent import Dedent
+from textmill.pipelines.steps.html_entities import HtmlEntities
+from textmill.pipelines.steps.mojibake import Mojibake
+from textmill.pipelines.steps.newlines import Newlines
+from textmill.pipelines.steps.page_headers import PageHeaders
 
 # Order matters: line endings first; ftfy before entities (an escaped `&amp;` inside mojibake stays visible to ftfy) and
 # before control characters (C1 controls standing for cp1252 bytes are mojibake, not noise, until ftfy has seen them).

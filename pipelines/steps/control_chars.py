@@ -8,7 +8,7 @@ import re
 
 from ftfy.fixes import remove_control_chars
 
-from pipelines.steps.base import Fixer
+from textmill.pipelines.steps.base import Fixer
 
 _LEFTOVER = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pipelines.steps.base import Fixer
+from textmill.pipelines.steps.base import Fixer
 
 _LEADING = re.compile(r"^[ \t]+", re.MULTILINE)
 

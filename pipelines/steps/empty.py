@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipelines.steps.base import Doc, Filter
+from textmill.pipelines.steps.base import Doc, Filter
 
 
 class Empty(Filter):

@@ -11,7 +11,7 @@ import hashlib
 import unicodedata
 from typing import Optional
 
-from pipelines.steps.base import Doc, Filter
+from textmill.pipelines.steps.base import Doc, Filter
 
 
 def signature(text: str) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from typing import Optional
 
-from pipelines.steps.base import Doc, Filter
+from textmill.pipelines.steps.base import Doc, Filter
 
 DETECTORS = ("langdetect", "fasttext")
 
@@ -19,7 +19,7 @@ class LangdetectDetector:
         from langdetect import DetectorFactory
         from langdetect.detector_factory import init_factory
 
-        from pipelines.steps.langdetect_fast import FastLangdetect
+        from textmill.pipelines.steps.langdetect_fast import FastLangdetect
 
         DetectorFactory.seed = seed
         init_factory()

@@ -16,7 +16,7 @@ import ftfy.bad_codecs  # noqa: F401  registers "sloppy-windows-1252" (cp1252 wi
 
 from ftfy.badness import BADNESS_RE, badness
 
-from pipelines.steps.base import Fixer
+from textmill.pipelines.steps.base import Fixer
 
 CONFIG = ftfy.TextFixerConfig(
     unescape_html=False,

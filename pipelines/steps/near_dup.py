@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-from pipelines.steps.base import Doc, Filter
+from textmill.pipelines.steps.base import Doc, Filter
 
 _WORD = re.compile(r"\w+")
 SEED = 1

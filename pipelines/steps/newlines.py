@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pipelines.steps.base import Fixer
+from textmill.pipelines.steps.base import Fixer
 
 _BREAKS = re.compile("\r\n|[\r\u0085\u2028\u2029]")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from pipelines.steps.base import Fixer
+from textmill.pipelines.steps.base import Fixer
 
 _DIGITS = re.compile(r"\d+")
 MIN_PAGES = 3

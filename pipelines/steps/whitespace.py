@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from pipelines.steps.base import Fixer
+from textmill.pipelines.steps.base import Fixer
 
 _TRAILING = re.compile(r"[ \t\u00a0]+$", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")

@@ -5,8 +5,8 @@ Adding a backend: a module here with a `ModelEngine` subclass, plus one entry in
 
 from __future__ import annotations
 
-from serving.engines.base import ModelEngine
-from serving.engines.batching import BatchingEngine
+from textmill.serving.engines.base import ModelEngine
+from textmill.serving.engines.batching import BatchingEngine
 
 ENGINES: dict[str, type[ModelEngine]] = {
     "batching": BatchingEngine,   # continuous batching on a transformers model (CPU or CUDA)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from serving.sampling import SamplingParams
+from textmill.serving.sampling import SamplingParams
 
 
 class QueueFull(Exception):

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from serving.engines.base import (EngineError, EngineHealth, EngineSpec, LoadError, ModelEngine, OutOfMemory,
+from textmill.serving.engines.base import (EngineError, EngineHealth, EngineSpec, LoadError, ModelEngine, OutOfMemory,
                                   QueueFull, Retired, Sequence, TokenStep)
-from serving.loading import load_model
-from serving.sampling import SamplingParams, sample
+from textmill.serving.loading import load_model
+from textmill.serving.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class BatchingEngine(ModelEngine):
 
     def warm_up(self) -> None:
         """A greedy 2-token generation from EOT run on the calling thread (the worker has not started)."""
-        from serving.generation import Generation
+        from textmill.serving.generation import Generation
 
         probe = Generation(("warm-up",), self.name, self.version, "", [self.eot_id],
                            SamplingParams(max_tokens=2, temperature=0.0), self.tokenizer)

@@ -46,7 +46,7 @@ def merged_state(weights_file: Path, hp, eot: int) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from training.pt.trainer import build_model
+    from textmill.training.pt.trainer import build_model
 
     with safe_open(str(weights_file), "pt") as f:
         meta = f.metadata() or {}

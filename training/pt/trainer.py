@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from textmill.config import Config, TrainingConfig
 from textmill.errors import UserError
 from textmill.sizes import Hparams, to_hf_config_kwargs
-from training import data, openai_layout, run
-from training.pt import memory
+from textmill.training import data, openai_layout, run
+from textmill.training.pt import memory
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ def build_model(hp: Hparams, eot: int, device: torch.device):
 def openai_state_dict(prefix: Path) -> dict[str, torch.Tensor]:
     """HF-keyed tensors from a name-based TF checkpoint (OpenAI / gpt-2-simple / textmill TF run); non-model variables
     (Adam slots, global_step) are skipped. Reading a TF checkpoint needs TensorFlow (imported here only)."""
-    from convert.names import hf_key
+    from textmill.convert.names import hf_key
     from textmill.weights import is_model_weight
-    from training.tf.checkpoint import iter_tensors, list_variables
+    from textmill.training.tf.checkpoint import iter_tensors, list_variables
 
     names = [n for n in list_variables(prefix) if is_model_weight(n)]
     out = {}
@@ -168,7 +168,7 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = None
         if tc.lora_rank:
-            from training.pt import lora
+            from textmill.training.pt import lora
 
             self.lora = lora
         decay = [p for p in self.model.parameters() if p.dim() >= 2]  # wte (= lm_head), wpe, the conv kernels

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from textmill.errors import UserError
-from training import openai_layout
+from textmill.training import openai_layout
 
 DATA_SUFFIX = openai_layout.DATA_SUFFIX
 INDEX_SUFFIX = openai_layout.INDEX_SUFFIX

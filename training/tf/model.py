@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from textmill import weights
 from textmill.errors import UserError
-from training import openai_layout
+from textmill.training import openai_layout
 from textmill.sizes import Hparams
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -159,7 +159,7 @@ read_hparams = openai_layout.read_hparams  # the one hparams.json reader (TF-fre
 
 def load(folder_or_prefix: str | Path, hp: Hparams | None = None, **kwargs) -> GPT2:
     """A GPT2 restored from an OpenAI release, a gpt-2-simple run or a textmill run (folder = its latest checkpoint)."""
-    from training.tf import checkpoint
+    from textmill.training.tf import checkpoint
 
     path = Path(folder_or_prefix)
     prefix = checkpoint.resolve_prefix(path)

@@ -17,12 +17,12 @@ import tensorflow as tf
 from textmill.config import Config, TrainingConfig
 from textmill.errors import UserError
 from textmill.sizes import Hparams
-from training import data, openai_layout, run
-from training.run import (OBSERVATIONAL, SAMPLE_HEADER, SAMPLES_FILE, STATE_FILE, RunPaths, RunState,  # noqa: F401
+from textmill.training import data, openai_layout, run
+from textmill.training.run import (OBSERVATIONAL, SAMPLE_HEADER, SAMPLES_FILE, STATE_FILE, RunPaths, RunState,  # noqa: F401
                           copy_run_files, fingerprint, open_run, truncate_after)
-from training.tf import checkpoint
-from training.tf.model import GPT2
-from training.tf.optim import AdamW, Schedule
+from textmill.training.tf import checkpoint
+from textmill.training.tf.model import GPT2
+from textmill.training.tf.optim import AdamW, Schedule
 
 log = logging.getLogger(__name__)
 
