@@ -331,3 +331,44 @@ def test_serving_node_keeps_serving_and_counts_rejections(tiny_export, tmp_path)
         assert sorted(p.name for p in (node.cache / "tiny").iterdir()) == [v1]
     finally:
         node.terminate()
+
+
+# ------------------------------------------------------------------------------------------------- bytes before checking
+
+def test_a_file_larger_than_its_manifest_entry_is_refused_before_download(node):
+    """A listed file whose stored object is far larger than the manifest says: refused on its size, and the node never
+    downloads those bytes (a bucket cannot fill a node's disk or bandwidth on every poll with one bad object)."""
+    import hashlib
+
+    data = b"x" * (8 << 20)
+    declared = {"path": "weights.bin", "size": 10, "sha256": hashlib.sha256(b"0123456789").hexdigest()}
+    version = node.plant_version([declared])
+    node.reg.fs.pipe_file(node.reg._path(MODEL, version, "weights.bin"), data)
+    seen: list[int] = []
+    registry = node.syncer.registry
+    original = registry._get
+
+    def watched(remote, target, bar):  # the real download, recording what reached the node's disk
+        original(remote, target, bar)
+        seen.append(Path(target).stat().st_size)
+
+    registry._get = watched
+    [result] = node.syncer.sync_once()
+    assert result.error and "weights.bin" in result.error and str(len(data)) in result.error, result.error
+    assert seen == [], f"downloaded {seen} bytes of a file the manifest says is 10 bytes"
+    assert [c.version for c in node.syncer.cached(MODEL)] == [node.v1]
+    assert sorted(p.name for p in (node.cache / MODEL).iterdir()) == [node.v1]
+
+
+def test_a_manifest_path_that_is_a_folder_in_the_registry_is_refused(node):
+    """MANIFEST lists `config.json`, but in the bucket `config.json` is a folder (holding files): a plain error for
+    that file, no folder tree copied into the cache, the old version kept."""
+    version = node.plant_version([entry("config.json")])
+    node.reg.fs.makedirs(node.reg._path(MODEL, version, "config.json"), exist_ok=True)
+    node.reg.fs.pipe_file(node.reg._path(MODEL, version, "config.json", "inner.txt"), b"x")
+    [result] = node.syncer.sync_once()
+    assert result.error and "config.json" in result.error, result.error
+    assert result.cached is None
+    assert [c.version for c in node.syncer.cached(MODEL)] == [node.v1]
+    assert sorted(p.name for p in (node.cache / MODEL).iterdir()) == [node.v1]
+    assert tree(node.sentinel) == node.before

@@ -462,6 +462,13 @@ class Registry:
                 target.unlink(missing_ok=True)
                 remote = self._path(model, version, *e["path"].split("/"))
                 try:
+                    # the stored object's size first: a bucket whose object is larger than its manifest entry says
+                    # must not cost the node those bytes of disk and bandwidth (on every poll) before it is refused
+                    if (stored := self._stored_size(remote)) != e["size"]:
+                        shown_size = f"size {stored}" if isinstance(stored, int) else stored
+                        problems.append(f"{e['path']}: {shown_size} in the registry, but {MANIFEST} says size "
+                                        f"{e['size']}; not downloaded")
+                        continue
                     self._get(remote, target, bar)
                 except FileNotFoundError:
                     problems.append(f"{e['path']}: missing in the registry")
@@ -478,6 +485,15 @@ class Registry:
             if (folder / e["path"]).exists() and inside(folder, e["path"]) is None:
                 raise UntrustedData(f"{storage.join(self.root, model, version, e['path'])}: a symlink or not a "
                                     "regular file inside its version folder; the version is not trusted", "symlink")
+
+    def _stored_size(self, remote: str) -> int | str:
+        """The size in bytes of the object `remote`, or what it is instead of a file ("a folder"); FileNotFoundError
+        when it is absent."""
+        info = _with_retries(f"stat {remote}", lambda: self.fs.info(remote))
+        if info.get("type") != "file":
+            return f"a {info.get('type') or 'non-file'} entry"
+        size = info.get("size")
+        return size if isinstance(size, int) else f"an object of unknown size ({shown(size)})"
 
     def _get(self, remote: str, target: Path, bar: tqdm) -> None:
         def attempt():
