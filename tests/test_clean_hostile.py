@@ -199,3 +199,27 @@ def test_atomic_path_removes_only_temp_folders_of_dead_owners(tmp_path):
         (tmp / "f").write_text("x", encoding="utf-8")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [".export.legacy.tmp", ".export.live.tmp", ".exports.x.tmp", "export"]
+
+
+def test_valid_json_python_cannot_parse_natively_is_a_record_problem_not_a_traceback(tmp_path):
+    """Valid JSON beyond what Python's json/int take by default (a 5,000-digit integer: ValueError past 4,300 digits;
+    nesting 100,000 deep: RecursionError) in a .jsonl and a .json: the long integer is kept exactly (here as the id), a
+    deeply nested line is `malformed_json`, a deeply nested array element is one line naming it."""
+    big = "9" * 5000
+    jsonl = tmp_path / "big.jsonl"
+    jsonl.write_text(f'{{"id": {big}, "text": "{TEXT}"}}\n'
+                     f'{{"id": 2, "text": "{TEXT} Again.", "deep": {"[" * 100_000}{"]" * 100_000}}}\n'
+                     f'{{"id": 3, "text": "{TEXT} Three times over, with more words."}}\n')
+    out = tmp_path / "out"
+    result = run_clean("--raw", jsonl, "--out", out, "--id", "id", "--set", "clean.workers=1")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    docs = [json.loads(line) for line in (out / "docs.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in docs] == [big, "3"]
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejected] == ["malformed_json"]
+
+    array = tmp_path / "deep.json"
+    array.write_text(f'[{{"id": {big}, "text": "{TEXT}"}}, {"[" * 100_000}{"]" * 100_000}]')
+    err = refused("--raw", array, "--out", tmp_path / "out2")
+    assert_one_line(err, "deep.json", "element 2", "nested too deep")
