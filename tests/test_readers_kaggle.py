@@ -125,6 +125,32 @@ def test_undecodable_offset_names_the_offending_byte(tmp_path):
         records([tmp_path / "v.txt"])
 
 
+LEGACY = {"gb18030": "港口管理员每天早上沿着码头走，数着夜里进港的船只，然后把数字写进日志。",
+          "cp1251": "Начальник порта каждое утро ходил по набережной и считал лодки, пришедшие ночью.",
+          "cp1253": "Ο λιμενάρχης περπατούσε κάθε πρωί στην προκυμαία και μετρούσε τις βάρκες της νύχτας.",
+          "euc-kr": "항만 관리인은 매일 아침 부두를 걸으며 밤사이 들어온 배를 세었다."}
+
+
+@pytest.mark.parametrize("codec", sorted(LEGACY))
+def test_a_legacy_non_latin_encoding_is_not_read_as_cp1252_mojibake(tmp_path, codec):
+    """Every byte decodes in cp1252, so a Chinese, Japanese, Cyrillic or Greek export in its legacy codec became kept
+    training text such as "¸Û¿Ú¹ÜÀíÔ±" (language-detected as Vietnamese; Shift-JIS already failed, on a byte cp1252
+    leaves undefined). It is refused in one line naming the file
+    and what to set; with that codec set it reads exactly."""
+    rows = "id,text\n" + "".join(f'{i},"{LEGACY[codec]} {i}"\n' for i in range(5))
+    (tmp_path / "legacy.csv").write_bytes(rows.encode(codec))
+    with pytest.raises(UserError, match=r"legacy\.csv: not UTF-8, .*set the corpus `encoding:`") as e:
+        records([tmp_path / "legacy.csv"])
+    assert "\n" not in str(e.value)
+    assert texts(records([tmp_path / "legacy.csv"], encoding=codec)) == [f"{LEGACY[codec]} {i}" for i in range(5)]
+
+
+def test_western_cp1252_text_is_still_read_as_cp1252(tmp_path):
+    text = "Le capitaine du port comptait à l’aube les bateaux arrivés : « déjà trois », écrivit-il, ça été très agréable."
+    (tmp_path / "fr.csv").write_bytes(("id,text\n" + "".join(f'{i},"{text} {i}"\n' for i in range(5))).encode("cp1252"))
+    assert texts(records([tmp_path / "fr.csv"])) == [f"{text} {i}" for i in range(5)]
+
+
 @pytest.mark.parametrize("nul_row", [1, 2, 80])
 def test_a_nul_byte_is_stripped_and_counted_wherever_it_is(tmp_path, nul_row):
     (tmp_path / "z.csv").write_bytes(_csv_rows(100, nul_row=nul_row))
