@@ -331,3 +331,13 @@ def test_configured_corpus_takes_include_exclude_and_dialect_from_its_config(tmp
     assert report["docs_out"] == 2 and report["skipped_files"] == {"excluded": 1, "junk": 1}
     dialect = report["dialects"]["competition.zip:train.csv.zip:train.csv"]
     assert dialect["delimiter"] == ";" and "delimiter" not in dialect["sniffed"]
+
+
+def test_a_repeated_csv_column_name_keeps_every_column(tmp_path):
+    """`id,text,text` (a merge of two exports): the last `text` column silently replaced the first, so `{text}` read
+    the short second column and every row was dropped as too_short. Repeats are named as pandas names them."""
+    (tmp_path / "dup.csv").write_text("id,text,text,text\n" + "".join(f"{i},{LONG} {i},note {i},x\n" for i in range(3)))
+    recs = records([tmp_path / "dup.csv"], id_field="id")
+    assert texts(recs) == [f"{LONG} {i}" for i in range(3)]
+    assert [r.fields["text.1"] for r in recs] == [f"note {i}" for i in range(3)]
+    assert [r.fields["text.2"] for r in recs] == ["x"] * 3

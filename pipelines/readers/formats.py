@@ -55,7 +55,7 @@ def read_csv(lines: Iterable[str], label: str, dialect: Dialect = Dialect(),
     header = None
     if dialect.header:
         try:
-            header = [h.strip() for h in next(reader)]
+            header = _unique_names([h.strip() for h in next(reader)])
         except StopIteration:
             return
         except csv.Error as e:
@@ -85,6 +85,25 @@ def read_csv(lines: Iterable[str], label: str, dialect: Dialect = Dialect(),
             yield row, Malformed("malformed_row", f"line {reader.line_num}: {len(values)} fields, header has {len(header)}")
         else:
             yield row, dict(zip(header, values))
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Header names made unique the way pandas reads them (`text`, `text.1`, `text.2`): a repeated column name no longer
+    lets its last column silently overwrite the first in the record (`{text}` took the wrong column)."""
+    seen, out = set(names), []
+    counts: dict[str, int] = {}
+    for name in names:
+        if name in counts:
+            while f"{name}.{counts[name]}" in seen:
+                counts[name] += 1
+            unique = f"{name}.{counts[name]}"
+            counts[name] += 1
+            seen.add(unique)
+            out.append(unique)
+        else:
+            counts[name] = 1
+            out.append(name)
+    return out
 
 
 class _Watch:
