@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -372,3 +372,21 @@ def test_a_manifest_path_that_is_a_folder_in_the_registry_is_refused(node):
     assert [c.version for c in node.syncer.cached(MODEL)] == [node.v1]
     assert sorted(p.name for p in (node.cache / MODEL).iterdir()) == [node.v1]
     assert tree(node.sentinel) == node.before
+
+
+@pytest.mark.parametrize("planted", ["99991231T235959Z-0123456789ab", "20991231T000000Z-0123456789ab"])
+def test_a_version_dated_far_ahead_does_not_break_or_skew_publishing(registry_root, tmp_path, planted):
+    """A complete-looking version folder dated far in the future (hostile, or a publisher whose clock was years off):
+    the next publish raised OverflowError past year 9999, and otherwise stamped every new version after it. Now the
+    new version is dated by this machine's clock and LATEST moves to it."""
+    reg = Registry(registry_root)
+    reg.publish(MODEL, make_export(tmp_path / "export1", seed=1), metrics={"val_loss": 2.0}, provenance={},
+                progress=False)
+    reg.fs.makedirs(reg._path(MODEL, planted), exist_ok=True)
+    reg.fs.pipe_file(reg._path(MODEL, planted, MANIFEST), b"{}")
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    result = reg.publish(MODEL, make_export(tmp_path / "export2", seed=2), metrics={"val_loss": 1.0}, provenance={},
+                         progress=False)
+    assert result.moved_latest and reg.latest(MODEL) == result.version
+    dated = datetime.strptime(result.version.split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    assert before <= dated <= datetime.now(timezone.utc) + timedelta(seconds=5), result.version  # +1 s per same-second publish
