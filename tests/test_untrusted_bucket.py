@@ -390,3 +390,42 @@ def test_a_version_dated_far_ahead_does_not_break_or_skew_publishing(registry_ro
     assert result.moved_latest and reg.latest(MODEL) == result.version
     dated = datetime.strptime(result.version.split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
     assert before <= dated <= datetime.now(timezone.utc) + timedelta(seconds=5), result.version  # +1 s per same-second publish
+
+
+def test_a_config_describing_more_weights_than_the_files_hold_is_not_loaded(tiny_export, tmp_path):
+    """A version whose config.json says 40 layers over the tiny export's 2-layer weights: transformers filled the 38
+    missing layers with random values and the node swapped to it, serving noise (an inflated width as well made it
+    allocate tens of GB first). The node now refuses to load it, names both parameter counts in /info, keeps v1."""
+    import shutil
+
+    import httpx
+
+    from tests.fixtures.server import ServeProcess
+
+    registry_root = str(tmp_path / "bucket")
+    reg = Registry(registry_root)
+    v1 = reg.publish("tiny", tiny_export, metrics={"val_loss": 5.0}, provenance={}, progress=False).version
+    inflated = tmp_path / "inflated"
+    shutil.copytree(tiny_export, inflated)
+    config = json.loads((inflated / "config.json").read_text())
+    (inflated / "config.json").write_text(json.dumps({**config, "n_layer": 40}))
+    node = ServeProcess(registry_root, tmp_path / "node", models="tiny", args=["--poll-interval", "0.2"],
+                        address_space=8 << 30)
+    try:
+        node.wait_ready()
+        v2 = reg.publish("tiny", inflated, metrics={"val_loss": 4.0}, provenance={}, progress=False).version
+        deadline = time.monotonic() + 60
+        while True:
+            info = httpx.get(node.url + "/info", headers=node.headers(), timeout=30).json()
+            if "tiny" in info["failed_loads"]:
+                break
+            assert info["models"]["tiny"]["version"] == v1, "the node swapped to a model with random layers"
+            assert time.monotonic() < deadline, node.log()
+            time.sleep(0.2)
+        failure = info["failed_loads"]["tiny"]
+        assert failure.startswith(v2) and "2,048,640" in failure and "149,248" in failure, failure
+        answer = httpx.post(node.url + "/v1/completions", headers=node.headers(), timeout=30,
+                            json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["model_version"] == v1
+    finally:
+        node.terminate()
