@@ -196,6 +196,9 @@ def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
             files += [(p, p.relative_to(path).as_posix()) for p in resolve(path, ["**/*"])]
         elif path.is_file():
             files.append((path, path.name))
+        elif path.exists():  # a device (/dev/zero), a FIFO or a socket: never read (it may not end)
+            raise UserError(f"{path}: not a regular file or folder (a device, FIFO or socket); save the data to a file "
+                            "and point --raw at it")
         else:
             raise UserError(f"{path}: no such file or folder; check the --raw path")
     return files

@@ -223,3 +223,13 @@ def test_valid_json_python_cannot_parse_natively_is_a_record_problem_not_a_trace
     array.write_text(f'[{{"id": {big}, "text": "{TEXT}"}}, {"[" * 100_000}{"]" * 100_000}]')
     err = refused("--raw", array, "--out", tmp_path / "out2")
     assert_one_line(err, "deep.json", "element 2", "nested too deep")
+
+
+def test_a_device_or_fifo_given_as_raw_is_named_for_what_it_is(tmp_path):
+    """`--raw /dev/zero` or a FIFO was refused as "no such file or folder", which sends the user looking for a typo."""
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    for raw in ("/dev/zero", fifo):
+        err = refused("--raw", raw, "--out", tmp_path / "out")
+        assert_one_line(err, str(raw), "not a regular file or folder")
+    assert nothing_written(tmp_path / "out")
