@@ -31,7 +31,9 @@ PromptInput = Union[str, list[int]]
 class NullMeansDefault(BaseModel):
     """A request model where `"field": null` means the field's default (the field is dropped before validation)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON `true` is not the number 1, `"true"`/`"yes"` are not booleans and `2.5` is not an integer (lax
+    # pydantic turned `"max_tokens": true` into 1 and `"stream": "no"` into False); an integer is still a valid float
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
