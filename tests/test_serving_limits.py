@@ -317,6 +317,14 @@ def test_bad_json_bodies_are_openai_400(server, name):
     assert r.headers["x-request-id"].startswith("req_")
 
 
+def test_invalid_utf8_is_named_as_such_not_as_a_surrogate(server):
+    r = httpx.post(server.url + "/v1/completions", content=BAD_BODIES["invalid UTF-8"], timeout=30,
+                   headers={**server.headers(), "Content-Type": "application/json"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid UTF-8" in message and "0xff at offset 29" in message, message
+    assert "surrogate" not in message, message
+
+
 @pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46])
 def test_top_p_below_float32_range_is_greedy_not_a_500(server, top_p):
     """top_p under float32's smallest value once dropped every token (NaN probabilities) and failed the whole batch."""
