@@ -215,10 +215,21 @@ def _check_out(out: Path, raws: list[str]) -> Path:
         if out == src or src.is_relative_to(out) or out.is_relative_to(src):
             raise UserError(f"--out {out} overlaps --raw {src}; write the clean corpus to a separate folder "
                             f"(e.g. data/clean/<name>); raw files are never written")
-    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in ("docs.jsonl", "docs.parquet")):
-        raise UserError(f"--out {out} is a non-empty folder that holds no clean corpus; it would be replaced whole: "
-                        f"choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        held = {p.name for p in out.iterdir()}
+        if not held & {"docs.jsonl", "docs.parquet"}:
+            raise UserError(f"--out {out} is a non-empty folder that holds no clean corpus; it would be replaced whole: "
+                            f"choose a new or empty folder")
+        # a docs.jsonl is not enough: `--out .` in a project folder that happens to hold one deleted everything else
+        if others := sorted(held - CLEAN_OUTPUTS):
+            raise UserError(f"--out {out} holds a clean corpus but also {len(others)} other entr"
+                            f"{'y' if len(others) == 1 else 'ies'} ({', '.join(map(repr, others[:3]))}"
+                            f"{', ...' if len(others) > 3 else ''}) that replacing the folder would delete; move them "
+                            f"out or choose a new or empty folder")
     return out
+
+
+CLEAN_OUTPUTS = {"docs.jsonl", "docs.parquet", "rejected.jsonl", "report.json"}  # what a clean writes into --out
 
 
 def run_adhoc(args: argparse.Namespace) -> dict:

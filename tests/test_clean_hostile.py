@@ -233,3 +233,23 @@ def test_a_device_or_fifo_given_as_raw_is_named_for_what_it_is(tmp_path):
         err = refused("--raw", raw, "--out", tmp_path / "out")
         assert_one_line(err, str(raw), "not a regular file or folder")
     assert nothing_written(tmp_path / "out")
+
+
+def test_out_holding_a_corpus_and_other_files_is_not_replaced(tmp_path):
+    """`--out .` in a project folder that happens to hold a docs.jsonl: the folder was replaced whole, deleting every
+    other file and folder in it. Refused in one line naming them; a folder holding only a previous clean is replaced."""
+    raw = tmp_path / "raw.txt"
+    raw.write_text(TEXT + "\n")
+    project = tmp_path / "project"
+    (project / "notes").mkdir(parents=True)
+    (project / "docs.jsonl").write_text('{"id": "mine", "text": "mine"}\n')
+    (project / "thesis.tex").write_text("precious")
+    err = refused("--raw", raw, "--out", project)
+    assert_one_line(err, str(project), "'notes'", "'thesis.tex'")
+    assert (project / "thesis.tex").read_text() == "precious" and (project / "notes").is_dir()
+
+    previous = tmp_path / "previous"
+    result = run_clean("--raw", raw, "--out", previous, "--set", "clean.workers=1")
+    assert result.returncode == 0, result.stderr
+    result = run_clean("--raw", raw, "--out", previous, "--set", "clean.workers=1")  # a re-run replaces its own output
+    assert result.returncode == 0, result.stderr
