@@ -341,3 +341,14 @@ def test_a_repeated_csv_column_name_keeps_every_column(tmp_path):
     assert texts(recs) == [f"{LONG} {i}" for i in range(3)]
     assert [r.fields["text.1"] for r in recs] == [f"note {i}" for i in range(3)]
     assert [r.fields["text.2"] for r in recs] == ["x"] * 3
+
+
+@pytest.mark.parametrize("first", ["sep=;\n", "SEP=;\r\n"])
+def test_excel_sep_line_names_the_delimiter_and_is_not_a_row(tmp_path, first):
+    """Excel in locales whose list separator is `;` writes `sep=;` as the first line: it was read as the header (fields
+    '', 'sep=') and the run stopped on a missing `text` field."""
+    rows = "id;text;score\n" + "".join(f"r{i};{LONG}, item {i};1,5\n" for i in range(3))
+    (tmp_path / "excel.csv").write_text(first + rows)
+    recs = records([tmp_path / "excel.csv"], id_field="id")
+    assert texts(recs) == [f"{LONG}, item {i}" for i in range(3)]
+    assert [r.fields["score"] for r in recs] == ["1,5"] * 3
