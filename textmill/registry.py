@@ -465,7 +465,7 @@ class Registry:
                 try:
                     # the stored object's size first: a bucket whose object is larger than its manifest entry says
                     # must not cost the node those bytes of disk and bandwidth (on every poll) before it is refused
-                    if (stored := self._stored_size(remote)) != e["size"]:
+                    if (stored := self._stored_size(remote)) not in (e["size"], None):
                         shown_size = f"size {stored}" if isinstance(stored, int) else stored
                         problems.append(f"{e['path']}: {shown_size} in the registry, but {MANIFEST} says size "
                                         f"{e['size']}; not downloaded")
@@ -487,14 +487,15 @@ class Registry:
                 raise UntrustedData(f"{storage.join(self.root, model, version, e['path'])}: a symlink or not a "
                                     "regular file inside its version folder; the version is not trusted", "symlink")
 
-    def _stored_size(self, remote: str) -> int | str:
-        """The size in bytes of the object `remote`, or what it is instead of a file ("a folder"); FileNotFoundError
-        when it is absent."""
+    def _stored_size(self, remote: str) -> int | str | None:
+        """The size in bytes of the object `remote`, what it is instead of a file ("a directory entry"), or None when
+        the store does not say (an HTTP server without Content-Length: the download's own check then decides);
+        FileNotFoundError when it is absent."""
         info = _with_retries(f"stat {remote}", lambda: self.fs.info(remote))
-        if info.get("type") != "file":
-            return f"a {info.get('type') or 'non-file'} entry"
+        if info.get("type") not in ("file", None):
+            return f"a {info.get('type')} entry"
         size = info.get("size")
-        return size if isinstance(size, int) else f"an object of unknown size ({shown(size)})"
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
 
     def _get(self, remote: str, target: Path, bar: tqdm) -> None:
         def attempt():
