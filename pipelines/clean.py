@@ -118,13 +118,30 @@ def decide(stream: Iterable[Outcome], corpus: CorpusConfig, clean: CleanConfig, 
     return tally
 
 
+OVERSUBSCRIBE = 4  # at most this many workers per usable CPU: more only fork processes that wait for a core
+
+
+def worker_count(configured: int) -> int:
+    """`clean.workers` (0 = one per CPU this process may use, not the host's), capped at OVERSUBSCRIBE per CPU: the
+    pool forks every worker up front, so `clean.workers=100000` (a typo, or a units mix-up) forked until the machine
+    stalled. A capped value is logged."""
+    cpus = len(os.sched_getaffinity(0))
+    if configured <= 0:
+        return cpus
+    if configured > OVERSUBSCRIBE * cpus:
+        log.warning("clean.workers=%d is more than %d per CPU on this machine (%d usable); using %d", configured,
+                    OVERSUBSCRIBE, cpus, OVERSUBSCRIBE * cpus)
+        return OVERSUBSCRIBE * cpus
+    return configured
+
+
 def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: CleanConfig, out_dir: Path,
                 name: str) -> tuple[dict, dict]:
     """Clean `files` (path, id label) as one corpus into `out_dir` (replaced atomically). Returns (report, timings)."""
     start = time.perf_counter()
     settings = settings_for(corpus, clean)
     opts = read_options(corpus)
-    workers = clean.workers or len(os.sched_getaffinity(0))  # CPUs this process may use, not the host's
+    workers = worker_count(clean.workers)
     bytes_in = sum(p.stat().st_size for p, _ in files)
     with RawCorpus(files, opts) as raw, atomic_path(out_dir) as tmp:  # every input checked before any work
         writer = CorpusWriter(tmp, clean.output_format)

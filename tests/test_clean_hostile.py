@@ -253,3 +253,26 @@ def test_out_holding_a_corpus_and_other_files_is_not_replaced(tmp_path):
     assert result.returncode == 0, result.stderr
     result = run_clean("--raw", raw, "--out", previous, "--set", "clean.workers=1")  # a re-run replaces its own output
     assert result.returncode == 0, result.stderr
+
+
+def test_a_huge_worker_count_is_capped_not_forked(tmp_path):
+    """`clean.workers=100000` (a typo) made the pool fork every worker up front until the machine stalled. The count is
+    capped at OVERSUBSCRIBE per usable CPU, with a warning; a negative count is refused by the config."""
+    from pipelines.clean import OVERSUBSCRIBE
+
+    cap = OVERSUBSCRIBE * len(os.sched_getaffinity(0))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"text": f"{TEXT} Variation {i}, words {i * 7}."}) + "\n" for i in range(3000)))
+    proc = subprocess.Popen(["textmill", "clean", "--raw", str(raw), "--out", str(tmp_path / "out"), "--set",
+                             f"clean.workers={cap + 8}", "--set", "clean.chunk_size=16"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    most = 0
+    while proc.poll() is None:
+        most = max(most, len(_children(proc.pid)))
+        time.sleep(0.02)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert most <= cap + 1, f"{most} child processes for a cap of {cap}"   # + the pool's resource tracker
+    assert f"clean.workers={cap + 8} is more than {OVERSUBSCRIBE} per CPU" in stderr, stderr
+    assert_one_line(refused("--raw", raw, "--out", tmp_path / "out2", "--set", "clean.workers=-1"),
+                    "clean.workers=-1 must be >= 0")

@@ -268,6 +268,8 @@ def validate(cfg: Config) -> Config:
     for key in ("sample_interval", "warmup_steps", "early_stopping_patience"):
         if getattr(cfg.training, key) < 0:
             raise UserError(f"config key training.{key}={getattr(cfg.training, key)} must be >= 0")
+    if cfg.clean.workers < 0:
+        raise UserError(f"config key clean.workers={cfg.clean.workers} must be >= 0 (0 = one per CPU)")
     if not 0.0 < cfg.clean.near_dup.threshold <= 1.0:
         raise UserError(f"config key clean.near_dup.threshold={cfg.clean.near_dup.threshold} must be in (0, 1]")
     for name, corpus in cfg.corpora.items():
