@@ -352,3 +352,20 @@ def test_excel_sep_line_names_the_delimiter_and_is_not_a_row(tmp_path, first):
     recs = records([tmp_path / "excel.csv"], id_field="id")
     assert texts(recs) == [f"{LONG}, item {i}" for i in range(3)]
     assert [r.fields["score"] for r in recs] == ["1,5"] * 3
+
+
+@pytest.mark.parametrize("codec, message", [("rot13", "'rot13' is not a text encoding"),
+                                            ("base64", "'base64' is not a text encoding"),
+                                            ("utf-16", "cannot be read as utf-16 (UTF-16 stream does not start with BOM)")])
+def test_a_declared_codec_that_cannot_decode_this_file_is_one_line(tmp_path, codec, message):
+    """`--encoding rot13` (a codec, but str -> str) was a TypeError traceback, `--encoding utf-16` on a file without a
+    BOM a UnicodeError traceback."""
+    (tmp_path / "a.csv").write_text(f"id,text\n1,{LONG}\n")
+    err = refused_clean(tmp_path, "--raw", tmp_path / "a.csv", "--out", tmp_path / "out", "--encoding", codec)
+    assert message in err and "\n" not in err, err
+
+
+def refused_clean(tmp_path, *argv) -> str:
+    with pytest.raises(UserError) as e:
+        clean_main([str(a) for a in argv])
+    return str(e.value)

@@ -129,10 +129,17 @@ def detect(opener: Opener, label: str, declared: str = "auto") -> Decoding:
     """How to decode this file; UserError naming the file and the offending byte offset when nothing fits."""
     if declared != "auto":
         try:
-            codecs.lookup(declared)
+            info = codecs.lookup(declared)
         except LookupError:
             raise UserError(f"{label}: unknown encoding {declared!r}; use a Python codec name (utf-8, cp1252, ...) or auto") from None
-        bad = first_bad_offset(opener, declared)
+        if not getattr(info, "_is_text_encoding", True):  # rot13, base64, zlib...: codecs, but not bytes -> text
+            raise UserError(f"{label}: {declared!r} is not a text encoding (it does not turn bytes into text); use a "
+                            "text codec name (utf-8, cp1252, gb18030, ...) or auto")
+        try:
+            bad = first_bad_offset(opener, declared)
+        except UnicodeError as e:  # not a byte-level failure: e.g. utf-16 without a BOM on a file that has none
+            raise UserError(f"{label}: cannot be read as {declared} ({e}); name the exact codec (e.g. utf-16-le) or set "
+                            "encoding: auto") from None
         if bad is not None:
             raise UserError(f"{label}: byte offset {bad} is not valid {declared}; fix the file or set encoding: auto")
         return Decoding(declared)
