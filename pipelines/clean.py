@@ -257,6 +257,7 @@ def run_adhoc(args: argparse.Namespace) -> dict:
                           lang=[x for v in args.lang for x in v.split(",") if x], min_chars=args.min_chars,
                           max_chars=args.max_chars, required=list(args.required), include=list(args.include),
                           exclude=list(args.exclude), csv=dialect)
+    tconfig.check_length_bounds(corpus, "--min-chars", "--max-chars")
     if args.detector:
         cfg.clean.detector = args.detector
         tconfig.validate(cfg)

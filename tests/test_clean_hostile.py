@@ -276,3 +276,14 @@ def test_a_huge_worker_count_is_capped_not_forked(tmp_path):
     assert f"clean.workers={cap + 8} is more than {OVERSUBSCRIBE} per CPU" in stderr, stderr
     assert_one_line(refused("--raw", raw, "--out", tmp_path / "out2", "--set", "clean.workers=-1"),
                     "clean.workers=-1 must be >= 0")
+
+
+@pytest.mark.parametrize("bounds", [("--max-chars", "0"), ("--max-chars", "-1"), ("--min-chars", "500", "--max-chars", "10")])
+def test_length_bounds_that_drop_everything_are_refused(tmp_path, bounds):
+    """Ad hoc `--max-chars 0` or min above max ran to the end and dropped every document as too_long (the configured
+    corpora already refused min > max)."""
+    raw = tmp_path / "raw.txt"
+    raw.write_text(TEXT + "\n")
+    err = refused("--raw", raw, "--out", tmp_path / "out", *bounds)
+    assert_one_line(err, "--min-chars=", "--max-chars=", "need min <= max and max >= 1")
+    assert nothing_written(tmp_path / "out")
