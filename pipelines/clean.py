@@ -118,13 +118,30 @@ def decide(stream: Iterable[Outcome], corpus: CorpusConfig, clean: CleanConfig, 
     return tally
 
 
+OVERSUBSCRIBE = 4  # at most this many workers per usable CPU: more only fork processes that wait for a core
+
+
+def worker_count(configured: int) -> int:
+    """`clean.workers` (0 = one per CPU this process may use, not the host's), capped at OVERSUBSCRIBE per CPU: the
+    pool forks every worker up front, so `clean.workers=100000` (a typo, or a units mix-up) forked until the machine
+    stalled. A capped value is logged."""
+    cpus = len(os.sched_getaffinity(0))
+    if configured <= 0:
+        return cpus
+    if configured > OVERSUBSCRIBE * cpus:
+        log.warning("clean.workers=%d is more than %d per CPU on this machine (%d usable); using %d", configured,
+                    OVERSUBSCRIBE, cpus, OVERSUBSCRIBE * cpus)
+        return OVERSUBSCRIBE * cpus
+    return configured
+
+
 def clean_files(files: list[tuple[Path, str]], corpus: CorpusConfig, clean: CleanConfig, out_dir: Path,
                 name: str) -> tuple[dict, dict]:
     """Clean `files` (path, id label) as one corpus into `out_dir` (replaced atomically). Returns (report, timings)."""
     start = time.perf_counter()
     settings = settings_for(corpus, clean)
     opts = read_options(corpus)
-    workers = clean.workers or len(os.sched_getaffinity(0))  # CPUs this process may use, not the host's
+    workers = worker_count(clean.workers)
     bytes_in = sum(p.stat().st_size for p, _ in files)
     with RawCorpus(files, opts) as raw, atomic_path(out_dir) as tmp:  # every input checked before any work
         writer = CorpusWriter(tmp, clean.output_format)
@@ -196,6 +213,9 @@ def _adhoc_files(paths: list[str]) -> list[tuple[Path, str]]:
             files += [(p, p.relative_to(path).as_posix()) for p in resolve(path, ["**/*"])]
         elif path.is_file():
             files.append((path, path.name))
+        elif path.exists():  # a device (/dev/zero), a FIFO or a socket: never read (it may not end)
+            raise UserError(f"{path}: not a regular file or folder (a device, FIFO or socket); save the data to a file "
+                            "and point --raw at it")
         else:
             raise UserError(f"{path}: no such file or folder; check the --raw path")
     return files
@@ -212,10 +232,21 @@ def _check_out(out: Path, raws: list[str]) -> Path:
         if out == src or src.is_relative_to(out) or out.is_relative_to(src):
             raise UserError(f"--out {out} overlaps --raw {src}; write the clean corpus to a separate folder "
                             f"(e.g. data/clean/<name>); raw files are never written")
-    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in ("docs.jsonl", "docs.parquet")):
-        raise UserError(f"--out {out} is a non-empty folder that holds no clean corpus; it would be replaced whole: "
-                        f"choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        held = {p.name for p in out.iterdir()}
+        if not held & {"docs.jsonl", "docs.parquet"}:
+            raise UserError(f"--out {out} is a non-empty folder that holds no clean corpus; it would be replaced whole: "
+                            f"choose a new or empty folder")
+        # a docs.jsonl is not enough: `--out .` in a project folder that happens to hold one deleted everything else
+        if others := sorted(held - CLEAN_OUTPUTS):
+            raise UserError(f"--out {out} holds a clean corpus but also {len(others)} other entr"
+                            f"{'y' if len(others) == 1 else 'ies'} ({', '.join(map(repr, others[:3]))}"
+                            f"{', ...' if len(others) > 3 else ''}) that replacing the folder would delete; move them "
+                            f"out or choose a new or empty folder")
     return out
+
+
+CLEAN_OUTPUTS = {"docs.jsonl", "docs.parquet", "rejected.jsonl", "report.json"}  # what a clean writes into --out
 
 
 def run_adhoc(args: argparse.Namespace) -> dict:
@@ -226,6 +257,7 @@ def run_adhoc(args: argparse.Namespace) -> dict:
                           lang=[x for v in args.lang for x in v.split(",") if x], min_chars=args.min_chars,
                           max_chars=args.max_chars, required=list(args.required), include=list(args.include),
                           exclude=list(args.exclude), csv=dialect)
+    tconfig.check_length_bounds(corpus, "--min-chars", "--max-chars")
     if args.detector:
         cfg.clean.detector = args.detector
         tconfig.validate(cfg)

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import orjson
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -460,11 +461,19 @@ async def full_job(state: ServingState, job: Job, fmt, request: Request) -> JSON
         return JSONResponse({"detail": "client disconnected"}, status_code=499)
     finally:
         job.sub.close()
-    choices = [fmt.final(out, i, done[i].finish_reason) for out, i in enumerate(ranked(job, fmt.body.n))]
-    usage = protocol.usage(job.prompt_tokens, sum(g.tokens for g in job.gens))
-    body_json = protocol.completion(protocol.completion_id(fmt.prefix), fmt.body.model, job.worker.version, choices,
-                                    usage, fmt.obj)
-    return JSONResponse(body_json, headers={VERSION_HEADER: job.worker.version})
+
+    def respond() -> JSONResponse:
+        choices = [fmt.final(out, i, done[i].finish_reason) for out, i in enumerate(ranked(job, fmt.body.n))]
+        usage = protocol.usage(job.prompt_tokens, sum(g.tokens for g in job.gens))
+        body_json = protocol.completion(protocol.completion_id(fmt.prefix), fmt.body.model, job.worker.version,
+                                        choices, usage, fmt.obj)
+        return Response(orjson.dumps(body_json), media_type="application/json",
+                        headers={VERSION_HEADER: job.worker.version})
+
+    # Off the event loop: with echo and logprobs the body is up to 64 sequences x the context x 21 alternatives, each
+    # detokenized, then serialized (megabytes, seconds of CPU for a 1,024-token model) -- time in which /live, every
+    # stream and every other request would otherwise stall.
+    return await asyncio.to_thread(respond)
 
 
 async def stream_job(state: ServingState, job: Job, fmt, request: Request):
@@ -489,7 +498,7 @@ async def stream_job(state: ServingState, job: Job, fmt, request: Request):
     async def events():
         pending, finished = [first], 0
         try:
-            heads = [h for h in (fmt.head(i) for i in range(len(job.gens))) if h]
+            heads = await asyncio.to_thread(lambda: [h for h in (fmt.head(i) for i in range(len(job.gens))) if h])
             if heads:  # echo's prompt (completions) or the assistant role (chat) before any generated text
                 yield "".join(sse(protocol.completion(cid, model, version, [h], None, obj)) for h in heads)
             while finished < len(job.gens):

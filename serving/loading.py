@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["check_config_matches_weights", "load_model", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -39,7 +39,36 @@ def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", *,
 
     from textmill.serving import precision
 
+    check_config_matches_weights(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model, report = precision.load_model(Path(path), dtype, resolve_device(device), tokenizer.backend_tokenizer,
                                          tolerance=tolerance)
     return model, tokenizer, report
+
+
+def check_config_matches_weights(path: Path | str) -> None:
+    """Raise ValueError when `config.json` describes a model with more parameters than the folder's safetensors weights
+    hold (counted from the files' headers; the model is built on the meta device, nothing
+    allocated). transformers fills parameters missing from the weights with random values: a config.json edited to
+    400 layers of 4096 made a serving node allocate tens of GB before anything failed, a smaller edit served a model
+    with random layers. More stored values than described (persisted buffers of older exports) are left to
+    transformers, as are folders without safetensors files."""
+    import math
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return
+    stored = 0
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            stored += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    described = sum(p.numel() for p in skeleton.parameters())
+    if described > stored:
+        raise ValueError(f"{path}: config.json describes a model of {described:,} parameters, but its weights hold "
+                         f"{stored:,}; the config does not belong to these weights (not loaded)")

@@ -31,7 +31,9 @@ PromptInput = Union[str, list[int]]
 class NullMeansDefault(BaseModel):
     """A request model where `"field": null` means the field's default (the field is dropped before validation)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON `true` is not the number 1, `"true"`/`"yes"` are not booleans and `2.5` is not an integer (lax
+    # pydantic turned `"max_tokens": true` into 1 and `"stream": "no"` into False); an integer is still a valid float
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -152,6 +154,12 @@ def parse_request(raw: bytes | str, model: type[Request], what: str = "request b
     long digit string, then refuses over 4,300 digits), NaN/Infinity. Raises ApiError 400 `invalid_json` for those and
     for a value that is not an object, 422 `invalid_value` naming the first bad field.
     """
+    if isinstance(raw, (bytes, bytearray)):
+        try:  # orjson reports invalid UTF-8 as "surrogates not allowed", which sent clients looking for \ud800 escapes
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ApiError(400, f"{what} is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); send "
+                           "UTF-8 encoded JSON", code="invalid_json") from None
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:

@@ -103,6 +103,10 @@ def load(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Serv
     return validate(cfg)
 
 
+MAX_POLL_INTERVAL_S = 86_400.0   # a day; threading's wait overflows far beyond
+MAX_DRAIN_TIMEOUT_S = 86_400.0
+
+
 def validate(cfg: ServingConfig) -> ServingConfig:
     if not DEVICES.match(cfg.device):
         raise UserError(f"serving.device={cfg.device!r} is invalid; use auto, cpu, cuda or cuda:N")
@@ -120,8 +124,14 @@ def validate(cfg: ServingConfig) -> ServingConfig:
     for key in ("max_batch_size", "max_queue", "stream_every", "keep_versions", "cache_size", "cpu_threads"):
         if getattr(cfg, key) < (0 if key in ("keep_versions", "cpu_threads") else 1):
             raise UserError(f"serving.{key}={getattr(cfg, key)} is too small")
-    if cfg.poll_interval <= 0 or not 0 <= cfg.poll_jitter < 1:
-        raise UserError("serving.poll_interval must be > 0 and serving.poll_jitter in [0, 1)")
+    # `not (a < x <= b)` also refuses NaN, which compares false to everything: a NaN poll interval made the sync loop
+    # poll the bucket without pause (Event.wait(nan) returns at once), inf or 1e300 killed it (OverflowError), and a
+    # NaN or negative drain timeout cut every in-flight request off at SIGTERM.
+    if not (0 < cfg.poll_interval <= MAX_POLL_INTERVAL_S) or not 0 <= cfg.poll_jitter < 1:
+        raise UserError(f"serving.poll_interval={cfg.poll_interval} must be in (0, {MAX_POLL_INTERVAL_S}] seconds and "
+                        f"serving.poll_jitter={cfg.poll_jitter} in [0, 1)")
+    if not 0 <= cfg.drain_timeout <= MAX_DRAIN_TIMEOUT_S:
+        raise UserError(f"serving.drain_timeout={cfg.drain_timeout} must be in [0, {MAX_DRAIN_TIMEOUT_S}] seconds")
     from textmill.serving.protocol import MAX_SEED
 
     if not 0 <= cfg.default_seed <= MAX_SEED:
@@ -136,7 +146,7 @@ def validate(cfg: ServingConfig) -> ServingConfig:
     return cfg
 
 
-API_KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")   # visible ASCII: what an `Authorization` header carries unchanged
+API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")   # visible ASCII: what an `Authorization` header carries unchanged
 
 
 def _validate_api_keys(keys: list[str]) -> None:
@@ -146,7 +156,7 @@ def _validate_api_keys(keys: list[str]) -> None:
         if not isinstance(key, str) or not key.strip():
             raise UserError(f"serving.api_keys[{i}] is empty or blank: it would accept a request with no key. Remove it "
                             f"(no keys at all = no authentication) or set a real key (TEXTMILL_API_KEYS=k1,k2)")
-        if not API_KEY_CHARS.match(key):
+        if not API_KEY_CHARS.fullmatch(key):  # `$` would let a trailing newline through
             raise UserError(f"serving.api_keys[{i}] contains spaces, control or non-ASCII characters, which an "
                             f"`Authorization: Bearer <key>` header cannot carry; use visible ASCII only")
 

@@ -70,7 +70,7 @@ class Syncer:
 
     @property
     def registry(self) -> Registry:
-        # Built lazily: constructing a gs:// filesystem must not be what stops a node from serving its cache.
+        # Built lazily: constructing a gs:// filesystem must not be what stops a node from textmill.serving its cache.
         if self._registry is None:
             self._registry = Registry(self.settings.root)
         return self._registry

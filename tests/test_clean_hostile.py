@@ -199,3 +199,91 @@ def test_atomic_path_removes_only_temp_folders_of_dead_owners(tmp_path):
         (tmp / "f").write_text("x", encoding="utf-8")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [".export.legacy.tmp", ".export.live.tmp", ".exports.x.tmp", "export"]
+
+
+def test_valid_json_python_cannot_parse_natively_is_a_record_problem_not_a_traceback(tmp_path):
+    """Valid JSON beyond what Python's json/int take by default (a 5,000-digit integer: ValueError past 4,300 digits;
+    nesting 100,000 deep: RecursionError) in a .jsonl and a .json: the long integer is kept exactly (here as the id), a
+    deeply nested line is `malformed_json`, a deeply nested array element is one line naming it."""
+    big = "9" * 5000
+    jsonl = tmp_path / "big.jsonl"
+    jsonl.write_text(f'{{"id": {big}, "text": "{TEXT}"}}\n'
+                     f'{{"id": 2, "text": "{TEXT} Again.", "deep": {"[" * 100_000}{"]" * 100_000}}}\n'
+                     f'{{"id": 3, "text": "{TEXT} Three times over, with more words."}}\n')
+    out = tmp_path / "out"
+    result = run_clean("--raw", jsonl, "--out", out, "--id", "id", "--set", "clean.workers=1")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    docs = [json.loads(line) for line in (out / "docs.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in docs] == [big, "3"]
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejected] == ["malformed_json"]
+
+    array = tmp_path / "deep.json"
+    array.write_text(f'[{{"id": {big}, "text": "{TEXT}"}}, {"[" * 100_000}{"]" * 100_000}]')
+    err = refused("--raw", array, "--out", tmp_path / "out2")
+    assert_one_line(err, "deep.json", "element 2", "nested too deep")
+
+
+def test_a_device_or_fifo_given_as_raw_is_named_for_what_it_is(tmp_path):
+    """`--raw /dev/zero` or a FIFO was refused as "no such file or folder", which sends the user looking for a typo."""
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    for raw in ("/dev/zero", fifo):
+        err = refused("--raw", raw, "--out", tmp_path / "out")
+        assert_one_line(err, str(raw), "not a regular file or folder")
+    assert nothing_written(tmp_path / "out")
+
+
+def test_out_holding_a_corpus_and_other_files_is_not_replaced(tmp_path):
+    """`--out .` in a project folder that happens to hold a docs.jsonl: the folder was replaced whole, deleting every
+    other file and folder in it. Refused in one line naming them; a folder holding only a previous clean is replaced."""
+    raw = tmp_path / "raw.txt"
+    raw.write_text(TEXT + "\n")
+    project = tmp_path / "project"
+    (project / "notes").mkdir(parents=True)
+    (project / "docs.jsonl").write_text('{"id": "mine", "text": "mine"}\n')
+    (project / "thesis.tex").write_text("precious")
+    err = refused("--raw", raw, "--out", project)
+    assert_one_line(err, str(project), "'notes'", "'thesis.tex'")
+    assert (project / "thesis.tex").read_text() == "precious" and (project / "notes").is_dir()
+
+    previous = tmp_path / "previous"
+    result = run_clean("--raw", raw, "--out", previous, "--set", "clean.workers=1")
+    assert result.returncode == 0, result.stderr
+    result = run_clean("--raw", raw, "--out", previous, "--set", "clean.workers=1")  # a re-run replaces its own output
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_huge_worker_count_is_capped_not_forked(tmp_path):
+    """`clean.workers=100000` (a typo) made the pool fork every worker up front until the machine stalled. The count is
+    capped at OVERSUBSCRIBE per usable CPU, with a warning; a negative count is refused by the config."""
+    from textmill.pipelines.clean import OVERSUBSCRIBE
+
+    cap = OVERSUBSCRIBE * len(os.sched_getaffinity(0))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"text": f"{TEXT} Variation {i}, words {i * 7}."}) + "\n" for i in range(3000)))
+    proc = subprocess.Popen(["textmill", "clean", "--raw", str(raw), "--out", str(tmp_path / "out"), "--set",
+                             f"clean.workers={cap + 8}", "--set", "clean.chunk_size=16"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    most = 0
+    while proc.poll() is None:
+        most = max(most, len(_children(proc.pid)))
+        time.sleep(0.02)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert most <= cap + 1, f"{most} child processes for a cap of {cap}"   # + the pool's resource tracker
+    assert f"clean.workers={cap + 8} is more than {OVERSUBSCRIBE} per CPU" in stderr, stderr
+    assert_one_line(refused("--raw", raw, "--out", tmp_path / "out2", "--set", "clean.workers=-1"),
+                    "clean.workers=-1 must be >= 0")
+
+
+@pytest.mark.parametrize("bounds", [("--max-chars", "0"), ("--max-chars", "-1"), ("--min-chars", "500", "--max-chars", "10")])
+def test_length_bounds_that_drop_everything_are_refused(tmp_path, bounds):
+    """Ad hoc `--max-chars 0` or min above max ran to the end and dropped every document as too_long (the configured
+    corpora already refused min > max)."""
+    raw = tmp_path / "raw.txt"
+    raw.write_text(TEXT + "\n")
+    err = refused("--raw", raw, "--out", tmp_path / "out", *bounds)
+    assert_one_line(err, "--min-chars=", "--max-chars=", "need min <= max and max >= 1")
+    assert nothing_written(tmp_path / "out")

@@ -125,6 +125,32 @@ def test_undecodable_offset_names_the_offending_byte(tmp_path):
         records([tmp_path / "v.txt"])
 
 
+LEGACY = {"gb18030": "港口管理员每天早上沿着码头走，数着夜里进港的船只，然后把数字写进日志。",
+          "cp1251": "Начальник порта каждое утро ходил по набережной и считал лодки, пришедшие ночью.",
+          "cp1253": "Ο λιμενάρχης περπατούσε κάθε πρωί στην προκυμαία και μετρούσε τις βάρκες της νύχτας.",
+          "euc-kr": "항만 관리인은 매일 아침 부두를 걸으며 밤사이 들어온 배를 세었다."}
+
+
+@pytest.mark.parametrize("codec", sorted(LEGACY))
+def test_a_legacy_non_latin_encoding_is_not_read_as_cp1252_mojibake(tmp_path, codec):
+    """Every byte decodes in cp1252, so a Chinese, Japanese, Cyrillic or Greek export in its legacy codec became kept
+    training text such as "¸Û¿Ú¹ÜÀíÔ±" (language-detected as Vietnamese; Shift-JIS already failed, on a byte cp1252
+    leaves undefined). It is refused in one line naming the file
+    and what to set; with that codec set it reads exactly."""
+    rows = "id,text\n" + "".join(f'{i},"{LEGACY[codec]} {i}"\n' for i in range(5))
+    (tmp_path / "legacy.csv").write_bytes(rows.encode(codec))
+    with pytest.raises(UserError, match=r"legacy\.csv: not UTF-8, .*set the corpus `encoding:`") as e:
+        records([tmp_path / "legacy.csv"])
+    assert "\n" not in str(e.value)
+    assert texts(records([tmp_path / "legacy.csv"], encoding=codec)) == [f"{LEGACY[codec]} {i}" for i in range(5)]
+
+
+def test_western_cp1252_text_is_still_read_as_cp1252(tmp_path):
+    text = "Le capitaine du port comptait à l’aube les bateaux arrivés : « déjà trois », écrivit-il, ça été très agréable."
+    (tmp_path / "fr.csv").write_bytes(("id,text\n" + "".join(f'{i},"{text} {i}"\n' for i in range(5))).encode("cp1252"))
+    assert texts(records([tmp_path / "fr.csv"])) == [f"{text} {i}" for i in range(5)]
+
+
 @pytest.mark.parametrize("nul_row", [1, 2, 80])
 def test_a_nul_byte_is_stripped_and_counted_wherever_it_is(tmp_path, nul_row):
     (tmp_path / "z.csv").write_bytes(_csv_rows(100, nul_row=nul_row))
@@ -305,3 +331,41 @@ def test_configured_corpus_takes_include_exclude_and_dialect_from_its_config(tmp
     assert report["docs_out"] == 2 and report["skipped_files"] == {"excluded": 1, "junk": 1}
     dialect = report["dialects"]["competition.zip:train.csv.zip:train.csv"]
     assert dialect["delimiter"] == ";" and "delimiter" not in dialect["sniffed"]
+
+
+def test_a_repeated_csv_column_name_keeps_every_column(tmp_path):
+    """`id,text,text` (a merge of two exports): the last `text` column silently replaced the first, so `{text}` read
+    the short second column and every row was dropped as too_short. Repeats are named as pandas names them."""
+    (tmp_path / "dup.csv").write_text("id,text,text,text\n" + "".join(f"{i},{LONG} {i},note {i},x\n" for i in range(3)))
+    recs = records([tmp_path / "dup.csv"], id_field="id")
+    assert texts(recs) == [f"{LONG} {i}" for i in range(3)]
+    assert [r.fields["text.1"] for r in recs] == [f"note {i}" for i in range(3)]
+    assert [r.fields["text.2"] for r in recs] == ["x"] * 3
+
+
+@pytest.mark.parametrize("first", ["sep=;\n", "SEP=;\r\n"])
+def test_excel_sep_line_names_the_delimiter_and_is_not_a_row(tmp_path, first):
+    """Excel in locales whose list separator is `;` writes `sep=;` as the first line: it was read as the header (fields
+    '', 'sep=') and the run stopped on a missing `text` field."""
+    rows = "id;text;score\n" + "".join(f"r{i};{LONG}, item {i};1,5\n" for i in range(3))
+    (tmp_path / "excel.csv").write_text(first + rows)
+    recs = records([tmp_path / "excel.csv"], id_field="id")
+    assert texts(recs) == [f"{LONG}, item {i}" for i in range(3)]
+    assert [r.fields["score"] for r in recs] == ["1,5"] * 3
+
+
+@pytest.mark.parametrize("codec, message", [("rot13", "'rot13' is not a text encoding"),
+                                            ("base64", "'base64' is not a text encoding"),
+                                            ("utf-16", "cannot be read as utf-16 (UTF-16 stream does not start with BOM)")])
+def test_a_declared_codec_that_cannot_decode_this_file_is_one_line(tmp_path, codec, message):
+    """`--encoding rot13` (a codec, but str -> str) was a TypeError traceback, `--encoding utf-16` on a file without a
+    BOM a UnicodeError traceback."""
+    (tmp_path / "a.csv").write_text(f"id,text\n1,{LONG}\n")
+    err = refused_clean(tmp_path, "--raw", tmp_path / "a.csv", "--out", tmp_path / "out", "--encoding", codec)
+    assert message in err and "\n" not in err, err
+
+
+def refused_clean(tmp_path, *argv) -> str:
+    with pytest.raises(UserError) as e:
+        clean_main([str(a) for a in argv])
+    return str(e.value)

@@ -317,6 +317,14 @@ def test_bad_json_bodies_are_openai_400(server, name):
     assert r.headers["x-request-id"].startswith("req_")
 
 
+def test_invalid_utf8_is_named_as_such_not_as_a_surrogate(server):
+    r = httpx.post(server.url + "/v1/completions", content=BAD_BODIES["invalid UTF-8"], timeout=30,
+                   headers={**server.headers(), "Content-Type": "application/json"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid UTF-8" in message and "0xff at offset 29" in message, message
+    assert "surrogate" not in message, message
+
+
 @pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46])
 def test_top_p_below_float32_range_is_greedy_not_a_500(server, top_p):
     """top_p under float32's smallest value once dropped every token (NaN probabilities) and failed the whole batch."""
@@ -430,7 +438,8 @@ def test_blank_api_key_from_env_is_refused_at_load(env_value):
 
 
 @pytest.mark.parametrize("keys, match", [([""], "empty or blank"), (["  "], "empty or blank"),
-                                         (["has space"], "spaces"), (["clé"], "non-ASCII")])
+                                         (["has space"], "spaces"), (["clé"], "non-ASCII"),
+                                         (["good-key\n"], "control")])
 def test_bad_api_keys_from_config_are_refused(keys, match):
     with pytest.raises(UserError, match=match):
         node_settings.validate(ServingConfig(api_keys=keys))
@@ -445,6 +454,27 @@ def test_serve_with_blank_key_exits_2_with_one_line(tmp_path, monkeypatch, capsy
     assert main(["serve", "--root", str(tmp_path / "bucket")]) == 2
     err = capsys.readouterr().err
     assert "api_keys[0] is empty or blank" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, value", [("POLL_INTERVAL", "nan"), ("POLL_INTERVAL", "inf"), ("POLL_INTERVAL", "1e300"),
+                                         ("POLL_INTERVAL", "0"), ("POLL_INTERVAL", "-5"), ("POLL_JITTER", "nan"),
+                                         ("DRAIN_TIMEOUT", "nan"), ("DRAIN_TIMEOUT", "-1"), ("DRAIN_TIMEOUT", "inf")])
+def test_timings_that_no_loop_can_wait_for_are_refused_at_load(name, value):
+    """NaN made the sync loop poll the bucket without pause (Event.wait(nan) returns at once: a core spent on polling),
+    inf/1e300 killed the sync thread with an OverflowError traceback, a NaN or negative drain timeout cut every
+    in-flight request off at SIGTERM. Each is refused when settings load, naming the setting."""
+    args = argparse.Namespace(params=None, overrides=[], root="bucket")
+    with pytest.raises(UserError, match=f"serving.{name.lower()}={value if value != '1e300' else '1e[+]300'}"):
+        node_settings.load(args, env={f"TEXTMILL_{name}": value})
+
+
+def test_serve_with_a_nan_poll_interval_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from textmill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--root", str(tmp_path / "bucket"), "--poll-interval", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "serving.poll_interval=nan" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_info_needs_a_key_probes_stay_open(server):

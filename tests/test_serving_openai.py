@@ -223,3 +223,68 @@ def test_other_union_fields_name_the_field_not_a_validator_branch(server, path, 
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["param"] == param and not any(i in err["message"] for i in ("list[", "str]", "union", "function-"))
+
+
+def test_a_huge_logprobs_body_is_built_off_the_event_loop(server):
+    """echo + logprobs=20 + best_of=n=16 over 4 long prompts: a ~10 MB body of detokenized alternatives. Building and
+    serializing it must not stall the node: /live keeps answering within a fraction of a second throughout (it stalled
+    for over a second on the tiny model, seconds on a 1,024-token one)."""
+    import threading
+    import time
+
+    latencies, stop = [], threading.Event()
+
+    def watch():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                started = time.monotonic()
+                assert c.get(server.url + "/live").status_code == 200
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for seed in (1, 2):
+            r = post(server, prompt=[list(range(1, 241))] * 4, max_tokens=10, n=16, best_of=16, logprobs=20, echo=True,
+                     seed=seed)
+            assert r.status_code == 200, r.text
+            assert len(r.content) > 5_000_000 and len(r.json()["choices"]) == 64
+    finally:
+        stop.set()
+        watcher.join()
+    assert max(latencies) < 0.5, sorted(latencies)[-5:]
+
+
+LAX_VALUES = [("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", "2"), ("n", True), ("seed", True),
+              ("seed", 7.0), ("top_k", False), ("temperature", True), ("temperature", "0.5"), ("echo", "yes"),
+              ("echo", 1), ("stream", "false"), ("logprobs", True)]
+
+
+@pytest.mark.parametrize("field, value", LAX_VALUES, ids=[f"{f}={v!r}" for f, v in LAX_VALUES])
+def test_json_values_of_the_wrong_type_are_refused_not_coerced(server, field, value):
+    """`"max_tokens": true` generated 1 token, `"stream": "false"` was read as False, `"echo": "yes"` as True: lax
+    coercion guessed instead of naming the field. Same fields, same answer on the WebSocket."""
+    from websockets.sync.client import connect
+
+    r = post(server, prompt="hello", **{"max_tokens": 2, field: value})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == field and r.json()["error"]["code"] == "invalid_value"
+    if field != "stream":
+        url = server.url.replace("http", "ws") + f"/v1/stream/{MODEL}"
+        with connect(url, additional_headers=server.headers()) as ws:
+            ws.send(json.dumps({"prompt": "hello", "max_tokens": 2, field: value}))
+            err = json.loads(ws.recv(timeout=10))["error"]
+            assert err["status"] == 422 and err["param"] == field, err
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", 1), ("max_tokens", True), ("stream", "true")])
+def test_chat_values_of_the_wrong_type_are_refused(server, field, value):
+    r = post(server, "/v1/chat/completions", model=PLAIN, messages=[{"role": "user", "content": "hi"}],
+             **{"max_tokens": 2, field: value})
+    assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+
+
+def test_integers_still_pass_for_float_fields(server):
+    r = post(server, prompt="hello", max_tokens=2, temperature=1, top_p=1, presence_penalty=0, frequency_penalty=0)
+    assert r.status_code == 200, r.text

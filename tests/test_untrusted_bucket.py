@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -329,5 +329,103 @@ def test_serving_node_keeps_serving_and_counts_rejections(tiny_export, tmp_path)
             assert node.version("tiny") == v1
         assert tree(sentinel) == {"keep.txt": b"precious"}
         assert sorted(p.name for p in (node.cache / "tiny").iterdir()) == [v1]
+    finally:
+        node.terminate()
+
+
+# ------------------------------------------------------------------------------------------------- bytes before checking
+
+def test_a_file_larger_than_its_manifest_entry_is_refused_before_download(node):
+    """A listed file whose stored object is far larger than the manifest says: refused on its size, and the node never
+    downloads those bytes (a bucket cannot fill a node's disk or bandwidth on every poll with one bad object)."""
+    import hashlib
+
+    data = b"x" * (8 << 20)
+    declared = {"path": "weights.bin", "size": 10, "sha256": hashlib.sha256(b"0123456789").hexdigest()}
+    version = node.plant_version([declared])
+    node.reg.fs.pipe_file(node.reg._path(MODEL, version, "weights.bin"), data)
+    seen: list[int] = []
+    registry = node.syncer.registry
+    original = registry._get
+
+    def watched(remote, target, bar):  # the real download, recording what reached the node's disk
+        original(remote, target, bar)
+        seen.append(Path(target).stat().st_size)
+
+    registry._get = watched
+    [result] = node.syncer.sync_once()
+    assert result.error and "weights.bin" in result.error and str(len(data)) in result.error, result.error
+    assert seen == [], f"downloaded {seen} bytes of a file the manifest says is 10 bytes"
+    assert [c.version for c in node.syncer.cached(MODEL)] == [node.v1]
+    assert sorted(p.name for p in (node.cache / MODEL).iterdir()) == [node.v1]
+
+
+def test_a_manifest_path_that_is_a_folder_in_the_registry_is_refused(node):
+    """MANIFEST lists `config.json`, but in the bucket `config.json` is a folder (holding files): a plain error for
+    that file, no folder tree copied into the cache, the old version kept."""
+    version = node.plant_version([entry("config.json")])
+    node.reg.fs.makedirs(node.reg._path(MODEL, version, "config.json"), exist_ok=True)
+    node.reg.fs.pipe_file(node.reg._path(MODEL, version, "config.json", "inner.txt"), b"x")
+    [result] = node.syncer.sync_once()
+    assert result.error and "config.json" in result.error, result.error
+    assert result.cached is None
+    assert [c.version for c in node.syncer.cached(MODEL)] == [node.v1]
+    assert sorted(p.name for p in (node.cache / MODEL).iterdir()) == [node.v1]
+    assert tree(node.sentinel) == node.before
+
+
+@pytest.mark.parametrize("planted", ["99991231T235959Z-0123456789ab", "20991231T000000Z-0123456789ab"])
+def test_a_version_dated_far_ahead_does_not_break_or_skew_publishing(registry_root, tmp_path, planted):
+    """A complete-looking version folder dated far in the future (hostile, or a publisher whose clock was years off):
+    the next publish raised OverflowError past year 9999, and otherwise stamped every new version after it. Now the
+    new version is dated by this machine's clock and LATEST moves to it."""
+    reg = Registry(registry_root)
+    reg.publish(MODEL, make_export(tmp_path / "export1", seed=1), metrics={"val_loss": 2.0}, provenance={},
+                progress=False)
+    reg.fs.makedirs(reg._path(MODEL, planted), exist_ok=True)
+    reg.fs.pipe_file(reg._path(MODEL, planted, MANIFEST), b"{}")
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    result = reg.publish(MODEL, make_export(tmp_path / "export2", seed=2), metrics={"val_loss": 1.0}, provenance={},
+                         progress=False)
+    assert result.moved_latest and reg.latest(MODEL) == result.version
+    dated = datetime.strptime(result.version.split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    assert before <= dated <= datetime.now(timezone.utc) + timedelta(seconds=5), result.version  # +1 s per same-second publish
+
+
+def test_a_config_describing_more_weights_than_the_files_hold_is_not_loaded(tiny_export, tmp_path):
+    """A version whose config.json says 40 layers over the tiny export's 2-layer weights: transformers filled the 38
+    missing layers with random values and the node swapped to it, serving noise (an inflated width as well made it
+    allocate tens of GB first). The node now refuses to load it, names both parameter counts in /info, keeps v1."""
+    import shutil
+
+    import httpx
+
+    from tests.fixtures.server import ServeProcess
+
+    registry_root = str(tmp_path / "bucket")
+    reg = Registry(registry_root)
+    v1 = reg.publish("tiny", tiny_export, metrics={"val_loss": 5.0}, provenance={}, progress=False).version
+    inflated = tmp_path / "inflated"
+    shutil.copytree(tiny_export, inflated)
+    config = json.loads((inflated / "config.json").read_text())
+    (inflated / "config.json").write_text(json.dumps({**config, "n_layer": 40}))
+    node = ServeProcess(registry_root, tmp_path / "node", models="tiny", args=["--poll-interval", "0.2"],
+                        address_space=8 << 30)
+    try:
+        node.wait_ready()
+        v2 = reg.publish("tiny", inflated, metrics={"val_loss": 4.0}, provenance={}, progress=False).version
+        deadline = time.monotonic() + 60
+        while True:
+            info = httpx.get(node.url + "/info", headers=node.headers(), timeout=30).json()
+            if "tiny" in info["failed_loads"]:
+                break
+            assert info["models"]["tiny"]["version"] == v1, "the node swapped to a model with random layers"
+            assert time.monotonic() < deadline, node.log()
+            time.sleep(0.2)
+        failure = info["failed_loads"]["tiny"]
+        assert failure.startswith(v2) and "2,048,640" in failure and "149,248" in failure, failure
+        answer = httpx.post(node.url + "/v1/completions", headers=node.headers(), timeout=30,
+                            json={"model": "tiny", "prompt": "hello", "max_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["model_version"] == v1
     finally:
         node.terminate()

@@ -237,6 +237,13 @@ class Config:
         return self.models[name]
 
 
+def check_length_bounds(corpus: CorpusConfig, min_name: str, max_name: str) -> None:
+    """UserError unless min_chars <= max_chars and max_chars >= 1 (else every document is dropped, silently)."""
+    if corpus.max_chars < 1 or corpus.min_chars > corpus.max_chars:
+        raise UserError(f"{min_name}={corpus.min_chars}, {max_name}={corpus.max_chars}: need min <= max and max >= 1 "
+                        "(otherwise every document is dropped)")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express; raises UserError naming the key."""
     choices = {
@@ -283,11 +290,12 @@ def validate(cfg: Config) -> Config:
     for key in ("sample_interval", "warmup_steps", "early_stopping_patience", "lora_rank"):
         if getattr(cfg.training, key) < 0:
             raise UserError(f"config key training.{key}={getattr(cfg.training, key)} must be >= 0")
+    if cfg.clean.workers < 0:
+        raise UserError(f"config key clean.workers={cfg.clean.workers} must be >= 0 (0 = one per CPU)")
     if not 0.0 < cfg.clean.near_dup.threshold <= 1.0:
         raise UserError(f"config key clean.near_dup.threshold={cfg.clean.near_dup.threshold} must be in (0, 1]")
     for name, corpus in cfg.corpora.items():
-        if corpus.min_chars > corpus.max_chars:
-            raise UserError(f"config keys corpora.{name}.min_chars={corpus.min_chars} > max_chars={corpus.max_chars}")
+        check_length_bounds(corpus, f"config key corpora.{name}.min_chars", f"corpora.{name}.max_chars")
     for name, spec in cfg.models.items():
         missing = [c for c in spec.corpora if c not in cfg.corpora]
         if missing:

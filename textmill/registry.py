@@ -40,6 +40,7 @@ RETRIES = 4                 # attempts per file transfer before the error is re-
 BACKOFF_S = 0.5             # first retry delay, doubled on each attempt
 CAS_ATTEMPTS = 8            # times a publisher re-reads LATEST after losing a compare-and-set
 STALE_INCOMPLETE_S = 86400  # gc removes incomplete versions (no MANIFEST) older than this: a publish died there
+MAX_CLOCK_LEAD = timedelta(days=1)  # versions dated further ahead of now are not used to date a new one
 
 # Untrusted names: everything read from a registry, and every name a user passes that becomes a path, must match these.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -462,6 +463,13 @@ class Registry:
                 target.unlink(missing_ok=True)
                 remote = self._path(model, version, *e["path"].split("/"))
                 try:
+                    # the stored object's size first: a bucket whose object is larger than its manifest entry says
+                    # must not cost the node those bytes of disk and bandwidth (on every poll) before it is refused
+                    if (stored := self._stored_size(remote)) not in (e["size"], None):
+                        shown_size = f"size {stored}" if isinstance(stored, int) else stored
+                        problems.append(f"{e['path']}: {shown_size} in the registry, but {MANIFEST} says size "
+                                        f"{e['size']}; not downloaded")
+                        continue
                     self._get(remote, target, bar)
                 except FileNotFoundError:
                     problems.append(f"{e['path']}: missing in the registry")
@@ -478,6 +486,16 @@ class Registry:
             if (folder / e["path"]).exists() and inside(folder, e["path"]) is None:
                 raise UntrustedData(f"{storage.join(self.root, model, version, e['path'])}: a symlink or not a "
                                     "regular file inside its version folder; the version is not trusted", "symlink")
+
+    def _stored_size(self, remote: str) -> int | str | None:
+        """The size in bytes of the object `remote`, what it is instead of a file ("a directory entry"), or None when
+        the store does not say (an HTTP server without Content-Length: the download's own check then decides);
+        FileNotFoundError when it is absent."""
+        info = _with_retries(f"stat {remote}", lambda: self.fs.info(remote))
+        if info.get("type") not in ("file", None):
+            return f"a {info.get('type')} entry"
+        size = info.get("size")
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
 
     def _get(self, remote: str, target: Path, bar: tqdm) -> None:
         def attempt():
@@ -685,7 +703,15 @@ def _next_time(existing: list[str]) -> datetime:
     """Now (UTC, whole seconds), but always after the newest existing version, so ids sort in publish order even for
     two publishes within one second or a publisher whose clock lags another's."""
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    newest = max((t for v in existing if (t := version_time(v))), default=None)
+    times = [t for v in existing if (t := version_time(v))]
+    # A version dated far ahead (a publisher whose clock was years off, or a hostile folder such as 99991231T235959Z-...)
+    # would stamp every later publish after it -- and past year 9999 stop every publish with an OverflowError.
+    ahead = [t for t in times if t > now + MAX_CLOCK_LEAD]
+    if ahead:
+        log.warning("ignoring %d version(s) dated more than %s ahead of this machine's clock (newest %s) when dating "
+                    "the new version; check that publisher's clock or remove them", len(ahead), MAX_CLOCK_LEAD,
+                    max(ahead).strftime(VERSION_TIME))
+    newest = max((t for t in times if t <= now + MAX_CLOCK_LEAD), default=None)
     return max(now, newest + timedelta(seconds=1)) if newest else now
 
 

@@ -9,6 +9,7 @@ with quoting off instead of swallowing rows into one quoted field. The dialect u
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from typing import Any, Iterable, Iterator, Optional
@@ -30,10 +31,13 @@ class Dialect:
     quoting: str = "minimal"
     header: bool = True
     comment: Optional[str] = None
+    sep_line: bool = False   # the file starts with Excel's `sep=<delimiter>` line, which is not a row
     sniffed: tuple[str, ...] = field(default=())
 
     def reader(self, lines: Iterable[str]) -> Iterator[list[str]]:
-        """`csv.reader` over lines (comment lines dropped first)."""
+        """`csv.reader` over lines (Excel's `sep=` line and comment lines dropped first)."""
+        if self.sep_line:
+            lines = _after_first(lines)
         if self.comment:
             lines = (line for line in lines if not line.startswith(self.comment))
         return csv.reader(lines, delimiter=self.delimiter, quotechar=self.quotechar, escapechar=self.escapechar,
@@ -78,12 +82,29 @@ def _consistent(sample: list[str], d: Dialect) -> tuple[float, int]:
     return sum(n == rows[0] for n in rows) / len(rows), rows[0]
 
 
+def _after_first(lines: Iterable[str]) -> Iterator[str]:
+    it = iter(lines)
+    next(it, None)
+    return it
+
+
+SEP_LINE = re.compile(r"sep=(.)(?:\r\n|\r|\n|$)", re.IGNORECASE)
+
+
 def sniff(head: str, fmt: str, settings: dict[str, Any]) -> Dialect:
-    """The dialect for a file whose text starts with `head`: `settings` (None = unset) win, the rest is sniffed."""
+    """The dialect for a file whose text starts with `head`: `settings` (None = unset) win, the rest is sniffed.
+
+    A first line `sep=;` (Excel writes it, and reads the file by it, in locales whose list separator is not a comma)
+    names the delimiter unless one is set, and is not read as a row."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    stripped = head.lstrip("\ufeff")
+    sep = SEP_LINE.match(stripped)
+    if sep:
+        head = stripped[sep.end():]
+        given.setdefault("delimiter", sep.group(1))
     sample = head.splitlines(keepends=True)
     if len(head) >= SNIFF_CHARS and len(sample) > 1:
         sample = sample[:-1]  # a partial last line would look inconsistent
-    given = {k: v for k, v in settings.items() if v is not None}
     default_delim = "\t" if fmt == "tsv" else ","
     delimiters = [given["delimiter"]] if "delimiter" in given else list(dict.fromkeys([default_delim, ",", ";", "\t", "|"]))
     quotings = [given["quoting"]] if "quoting" in given else ["minimal", "none"]
@@ -99,5 +120,5 @@ def sniff(head: str, fmt: str, settings: dict[str, Any]) -> Dialect:
         if (width > 1, share) > best_score:  # several columns beat one; then the most consistent; ties: the first
             best, best_score = d, (width > 1, share)
     assert best is not None
-    sniffed = tuple(k for k in ("delimiter", "quoting", "escapechar") if k not in given)
-    return Dialect(**{**asdict(best), "sniffed": sniffed})
+    sniffed = tuple(k for k in ("delimiter", "quoting", "escapechar") if k not in given or (k == "delimiter" and sep))
+    return Dialect(**{**asdict(best), "sep_line": bool(sep), "sniffed": sniffed})

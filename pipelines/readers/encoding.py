@@ -106,14 +106,40 @@ def _utf8_census(opener: Opener) -> tuple[int, int]:
                 return valid, bad
 
 
+# Share of non-blank bytes >= 0x80 above which a non-UTF-8 file is not taken for cp1252: accented letters are a few
+# percent of French, German, Spanish or Portuguese text, while Chinese, Japanese, Korean, Cyrillic or Greek in their
+# legacy codecs are mostly high bytes (every byte decodes in cp1252, so those became silent mojibake training text).
+MAX_CP1252_HIGH_SHARE = 0.3
+
+
+def _high_share(opener: Opener) -> float:
+    """Bytes >= 0x80 as a share of the stream's non-whitespace bytes (0.0 for a blank stream)."""
+    high = total = 0
+    with opener() as f:
+        while block := f.read(BLOCK):
+            total += len(block.translate(None, b" \t\r\n"))
+            high += len(block) - len(block.translate(None, _HIGH))
+    return high / total if total else 0.0
+
+
+_HIGH = bytes(range(0x80, 0x100))
+
+
 def detect(opener: Opener, label: str, declared: str = "auto") -> Decoding:
     """How to decode this file; UserError naming the file and the offending byte offset when nothing fits."""
     if declared != "auto":
         try:
-            codecs.lookup(declared)
+            info = codecs.lookup(declared)
         except LookupError:
             raise UserError(f"{label}: unknown encoding {declared!r}; use a Python codec name (utf-8, cp1252, ...) or auto") from None
-        bad = first_bad_offset(opener, declared)
+        if not getattr(info, "_is_text_encoding", True):  # rot13, base64, zlib...: codecs, but not bytes -> text
+            raise UserError(f"{label}: {declared!r} is not a text encoding (it does not turn bytes into text); use a "
+                            "text codec name (utf-8, cp1252, gb18030, ...) or auto")
+        try:
+            bad = first_bad_offset(opener, declared)
+        except UnicodeError as e:  # not a byte-level failure: e.g. utf-16 without a BOM on a file that has none
+            raise UserError(f"{label}: cannot be read as {declared} ({e}); name the exact codec (e.g. utf-16-le) or set "
+                            "encoding: auto") from None
         if bad is not None:
             raise UserError(f"{label}: byte offset {bad} is not valid {declared}; fix the file or set encoding: auto")
         return Decoding(declared)
@@ -134,6 +160,12 @@ def detect(opener: Opener, label: str, declared: str = "auto") -> Decoding:
         return Decoding("utf-8", fallback=True)
     bad_at = first_bad_offset(opener, "cp1252")
     if bad_at is None:
+        high = _high_share(opener)
+        if high > MAX_CP1252_HIGH_SHARE:  # cp1252 decodes any byte: guard against reading GBK or cp1251 as Latin
+            raise UserError(f"{label}: not UTF-8, and read as cp1252 {high:.0%} of its non-blank bytes would be accented "
+                            "Latin letters or symbols (Western text has a few percent): it is most likely in another "
+                            "encoding (GBK/GB18030 or Big5 for Chinese, Shift-JIS for Japanese, cp1251 for Cyrillic, "
+                            "...); set the corpus `encoding:` (or --encoding) to its codec, or re-save it as UTF-8")
         return Decoding("cp1252")
     raise UserError(f"{label}: undecodable bytes at offset {bad_at} (neither UTF-8 nor cp1252); "
                     "re-save the file as UTF-8 or set the corpus `encoding:` to its codec (e.g. latin-1)")

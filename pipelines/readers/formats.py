@@ -8,7 +8,9 @@ limit: a longer one becomes a `too_long` rejection while it is read.
 from __future__ import annotations
 
 import csv
+import decimal
 import json
+import sys
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
@@ -19,6 +21,21 @@ from textmill.errors import UserError
 JSON_BLOCK = 1 << 16
 NO_LIMIT = 1 << 62
 EXCERPT = 200
+
+
+# Python's int() refuses a digit string over sys.get_int_max_str_digits() (4,300) with a ValueError, and its json module
+# recurses once per nesting level (RecursionError near 1,000): valid JSON that must stay one record's problem, never a
+# traceback. A long integer (an id of 5,000 digits) is kept exactly, as a Decimal (read back as its digits); a record
+# nested too deep is `malformed_json`.
+_MAX_INT_DIGITS = (sys.get_int_max_str_digits() or 4300) - 1
+
+
+def _parse_int(digits: str) -> int | decimal.Decimal:
+    return int(digits) if len(digits) <= _MAX_INT_DIGITS else decimal.Decimal(digits)
+
+
+def _loads(text: str):
+    return json.loads(text, parse_int=_parse_int)
 
 
 @dataclass
@@ -38,7 +55,7 @@ def read_csv(lines: Iterable[str], label: str, dialect: Dialect = Dialect(),
     header = None
     if dialect.header:
         try:
-            header = [h.strip() for h in next(reader)]
+            header = _unique_names([h.strip() for h in next(reader)])
         except StopIteration:
             return
         except csv.Error as e:
@@ -70,6 +87,25 @@ def read_csv(lines: Iterable[str], label: str, dialect: Dialect = Dialect(),
             yield row, dict(zip(header, values))
 
 
+def _unique_names(names: list[str]) -> list[str]:
+    """Header names made unique the way pandas reads them (`text`, `text.1`, `text.2`): a repeated column name no longer
+    lets its last column silently overwrite the first in the record (`{text}` took the wrong column)."""
+    seen, out = set(names), []
+    counts: dict[str, int] = {}
+    for name in names:
+        if name in counts:
+            while f"{name}.{counts[name]}" in seen:
+                counts[name] += 1
+            unique = f"{name}.{counts[name]}"
+            counts[name] += 1
+            seen.add(unique)
+            out.append(unique)
+        else:
+            counts[name] = 1
+            out.append(name)
+    return out
+
+
 class _Watch:
     """Lines passed through, noting whether an over-long one went by since the last `overlong()` call."""
 
@@ -98,7 +134,10 @@ def read_jsonl(lines: Iterable[str], label: str) -> Iterator[tuple[int, dict | M
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _loads(line)
+        except RecursionError:
+            yield line_no, Malformed("malformed_json", f"line {line_no}: nested too deep: {line[:80]!r}")
+            continue
         except json.JSONDecodeError as e:
             if not parsed_any and line_no == 1:
                 raise UserError(f"{label}:1: not JSON Lines ({e.msg}); expected one JSON object per line "
@@ -126,7 +165,7 @@ def _read(lines: Iterator[str], n: int) -> str:
 def read_json_array(lines: Iterable[str], label: str, limit: int = NO_LIMIT) -> Iterator[tuple[int, dict | Malformed]]:
     """A top-level JSON array, decoded element by element from a sliding buffer (the array is never held whole)."""
     it = iter(lines)
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_int=_parse_int)
     buf, pos, eof, row, block = _read(it, JSON_BLOCK).lstrip(), 1, False, 0, JSON_BLOCK
     if not buf.startswith("["):
         raise UserError(f"{label}: expected a JSON array starting with '['")
@@ -137,6 +176,10 @@ def read_json_array(lines: Iterable[str], label: str, limit: int = NO_LIMIT) -> 
             return
         try:
             obj, end = decoder.raw_decode(buf, pos)
+        except RecursionError:
+            raise UserError(f"{label}: JSON array element {row + 1} is nested too deep to read (over about "
+                            f"{sys.getrecursionlimit()} levels); fix the element or convert the file to JSON Lines, "
+                            "where such a line is rejected as malformed_json") from None
         except json.JSONDecodeError as e:
             if eof:
                 raise UserError(f"{label}: malformed JSON array near element {row + 1} ({e.msg}); "
