@@ -15,10 +15,10 @@ from typing import Iterator
 from fsspec.callbacks import TqdmCallback
 from tqdm import tqdm
 
-from textmill.pipelines.clean_io import iter_docs
 from textmill import config as config_mod
 from textmill import sizes, storage, tokenizer, weights
 from textmill.errors import UserError
+from textmill.pipelines.clean_io import iter_docs
 from textmill.training import openai_layout
 
 log = logging.getLogger(__name__)
@@ -104,18 +104,26 @@ def check(cfg: config_mod.Config, folder: Path, *, source: str) -> sizes.Hparams
         raise UserError(f"{source}: missing {missing}; an OpenAI-layout folder has {', '.join(FILES)}")
     hp = read_hparams(folder / "hparams.json")
     tok = tokenizer.load(folder)
-    if tokenizer.vocab_size(tok) != hp.n_vocab:
-        raise UserError(f"{source}: encoder.json has {tokenizer.vocab_size(tok)} tokens but hparams.json n_vocab="
-                        f"{hp.n_vocab}; the tokenizer files belong to another model")
-    want = sizes.from_name(cfg.model.size, n_vocab=hp.n_vocab, n_ctx=hp.n_ctx)
-    if want != hp:
-        raise UserError(f"{source}/hparams.json: {hp.to_json()} is not model.size={cfg.model.size} "
-                        f"({want.to_json()}); set model=<matching preset> or point base.uri at a {cfg.model.size} model")
+    _check_vocab_and_size(cfg, hp, tok, source, ("encoder.json", "hparams.json", "n_vocab"))
     if cfg.model.n_ctx is not None and cfg.model.n_ctx > hp.n_ctx:
         raise UserError(f"model.n_ctx={cfg.model.n_ctx} exceeds the fetched model's n_ctx={hp.n_ctx} "
                         f"(its position table has {hp.n_ctx} rows); lower model.n_ctx")
     _check_variables(folder / CKPT, hp, source)
     return hp
+
+
+def _check_vocab_and_size(cfg: config_mod.Config, hp: sizes.Hparams, tok, source: str,
+                          names: tuple[str, str, str]) -> None:
+    """The tokenizer has hp.n_vocab tokens and hp is `model.size`; `names` = (vocab file, hparams file, its vocab key)
+    as this layout spells them, for the one-line errors."""
+    vocab_file, hparams_file, vocab_key = names
+    if tokenizer.vocab_size(tok) != hp.n_vocab:
+        raise UserError(f"{source}: {vocab_file} has {tokenizer.vocab_size(tok)} tokens but {hparams_file} {vocab_key}="
+                        f"{hp.n_vocab}; the tokenizer files belong to another model")
+    want = sizes.from_name(cfg.model.size, n_vocab=hp.n_vocab, n_ctx=hp.n_ctx)
+    if want != hp:
+        raise UserError(f"{source}/{hparams_file}: {hp.to_json()} is not model.size={cfg.model.size} "
+                        f"({want.to_json()}); set model=<matching preset> or point base.uri at a {cfg.model.size} model")
 
 
 def _check_variables(prefix: Path, hp: sizes.Hparams, source: str) -> None:
@@ -192,13 +200,7 @@ def check_hf(cfg: config_mod.Config, folder: Path, *, source: str) -> sizes.Hpar
                         f"{', '.join(HF_FILES)} and model.safetensors")
     hp = run.base_hparams(folder)
     tok = tokenizer.from_openai_files(folder / "vocab.json", folder / "merges.txt")  # the same files under HF names
-    if tokenizer.vocab_size(tok) != hp.n_vocab:
-        raise UserError(f"{source}: vocab.json has {tokenizer.vocab_size(tok)} tokens but config.json vocab_size="
-                        f"{hp.n_vocab}; the tokenizer files belong to another model")
-    want = sizes.from_name(cfg.model.size, n_vocab=hp.n_vocab, n_ctx=hp.n_ctx)
-    if want != hp:
-        raise UserError(f"{source}/config.json: {hp.to_json()} is not model.size={cfg.model.size} ({want.to_json()}); "
-                        f"set model=<matching preset> or point base.uri at a {cfg.model.size} model")
+    _check_vocab_and_size(cfg, hp, tok, source, ("vocab.json", "config.json", "vocab_size"))
     have = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "np") as sf:
