@@ -285,7 +285,9 @@ def engine_error(event: Event, version: str) -> ApiError:
 
 
 def create_app(state: ServingState) -> FastAPI:
-    app = FastAPI(title="textmill serving", version="1")
+    # No slash redirects: Starlette's 307 for `/v1/completions/` is not OpenAI-shaped and builds its Location from the
+    # client's Host header; such a path is a plain 404 like any unknown route.
+    app = FastAPI(title="textmill serving", version="1", redirect_slashes=False)
     s = state.settings
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes, timeout_s=s.body_timeout,
                        on_limit=lambda name: state.metrics.limit_hits.labels(name).inc())

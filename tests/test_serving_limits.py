@@ -336,6 +336,7 @@ def test_top_p_below_float32_range_is_greedy_not_a_500(server, top_p):
 
 @pytest.mark.parametrize("method, path, status, code", [
     ("GET", "/nope", 404, "not_found"), ("POST", "/v1/embeddings", 404, "not_found"),
+    ("POST", "/v1/completions/", 404, "not_found"), ("GET", "/v1/models/", 404, "not_found"),
     ("GET", "/v1/completions", 405, "method_not_allowed"), ("DELETE", "/live", 405, "method_not_allowed"),
 ])
 def test_routing_errors_are_openai_shaped(server, method, path, status, code):
