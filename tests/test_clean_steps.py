@@ -232,3 +232,12 @@ def test_ftfy_skip_check_is_exact():
     assert len(skipped) > 300
     assert [t[:60] for t in skipped if ftfy.fix_text(t, CONFIG) != t] == []
     assert _ftfy_would_change(mojibake("naïve café")) and _ftfy_would_change("broken \x85 C1")
+
+
+def test_terminal_escape_sequences_are_removed_whole():
+    """A log pasted into a corpus: removing ESC alone left `[31m` and `[0m` in the text."""
+    for dirty, clean in [("\x1b[31mERROR\x1b[0m: disk full", "ERROR: disk full"),
+                         ("progress \x1b[2K\x1b[1G50%", "progress 50%"),
+                         ("caf\u00e9 \x1b[1;32mok\x1b[m", "caf\u00e9 ok")]:
+        assert ControlChars().fix(dirty) == (clean, True)
+    assert ControlChars().fix("no escapes [31m here") == ("no escapes [31m here", False)
