@@ -17,15 +17,14 @@ from cachetools import TTLCache
 from textmill.serving import result_cache
 from textmill.serving.engines import engine_class
 from textmill.serving.engines.base import EngineHealth, EngineSpec, LoadError, ModelEngine, QueueFull, Retired
-from textmill.serving.generation import Generation
-from textmill.serving.loading import resolve_device, resolve_dtype
+from textmill.serving.generation import Generation, probe_generation
+from textmill.serving.loading import resolve_device
 from textmill.serving.precision import DEFAULT_TOLERANCE
 from textmill.serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineOptions", "LoadError", "QueueFull", "Retired", "UnknownModel", "resolve_device",
-           "resolve_dtype"]
+__all__ = ["Engine", "EngineOptions", "LoadError", "QueueFull", "Retired", "UnknownModel", "resolve_device"]
 
 
 class UnknownModel(KeyError):
@@ -74,13 +73,6 @@ def load_engine(name: str, version: str, folder: Path, manifest: dict, opts: Eng
     log.info("model %s version %s loaded (%s) and warmed in %.2fs", name, version, engine.stats(),
              time.monotonic() - started)
     return engine
-
-
-def probe_generation(engine: ModelEngine, max_tokens: int = 1) -> Generation:
-    """A greedy generation from the EOT token: a real forward pass, used for readiness."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    return Generation(("probe", time.monotonic()), engine.name, engine.version, "", [engine.eot_id], params,
-                      engine.tokenizer)
 
 
 class Engine:

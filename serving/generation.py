@@ -156,3 +156,11 @@ class Generation:
             sub(event)
         if self._on_finish:
             self._on_finish(self)
+
+
+def probe_generation(engine: Any, max_tokens: int = 1) -> Generation:
+    """A greedy generation of `max_tokens` from the EOT token of `engine` (a ModelEngine): a real prefill + decode,
+    used to warm a version up before it takes traffic and for readiness."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return Generation(("probe", time.monotonic()), engine.name, engine.version, "", [engine.eot_id], params,
+                      engine.tokenizer)

@@ -1,5 +1,5 @@
 """The one place a model version is loaded from its folder (weights + tokenizer), for every engine that runs
-transformers models. Precision choices (device, dtype) are resolved here too."""
+transformers models. The device is resolved here; the precision is chosen by `serving.precision`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_config_matches_weights", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["check_config_matches_weights", "load_model", "resolve_device"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -16,15 +16,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` -> fp32 on CPU, bf16 (or fp16 where bf16 is unsupported) on CUDA; else the named dtype."""
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", *,

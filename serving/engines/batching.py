@@ -25,7 +25,7 @@ import torch
 from textmill.serving.engines.base import (EngineError, EngineHealth, EngineSpec, LoadError, ModelEngine, OutOfMemory,
                                   QueueFull, Retired, Sequence, TokenStep)
 from textmill.serving.loading import load_model
-from textmill.serving.sampling import SamplingParams, sample
+from textmill.serving.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,9 @@ class BatchingEngine(ModelEngine):
 
     def warm_up(self) -> None:
         """A greedy 2-token generation from EOT run on the calling thread (the worker has not started)."""
-        from textmill.serving.generation import Generation
+        from textmill.serving.generation import probe_generation
 
-        probe = Generation(("warm-up",), self.name, self.version, "", [self.eot_id],
-                           SamplingParams(max_tokens=2, temperature=0.0), self.tokenizer)
+        probe = probe_generation(self, max_tokens=2)
         self.run_batch([probe])
         if probe.error is not None or probe.finish_reason is None:
             raise LoadError(f"warm-up generation failed: {probe.error}")
