@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.fixtures.checkpoints import kill_after_first_checkpoint, tf_val_loss
 from tests.test_train_tf import HP, REPO, load_cfg, make_env, metric
 from textmill.errors import UserError
 
@@ -74,17 +73,9 @@ def test_model_uses_sdpa_attention_and_openai_math():
 
 def test_initial_val_loss_matches_the_tf_model_of_the_base(trained):
     """The OpenAI-layout base read into GPT2LMHeadModel is the same function TF computes (the shared protocol)."""
-    import tensorflow as tf
-
-    from textmill.training import data
-    from textmill.training.tf.model import load
-
     root, report = trained
-    model = load(root / "models/base/m")
-    val = data.open_tokens(root / "data/tokens/m", "val")
-    losses = ((tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model(x)).numpy(), w)
-              for x, y, w in data.eval_batches(val, 32, 4))
-    assert report["initial_val_loss"] == pytest.approx(data.mean_loss(losses), abs=1e-5)
+    base_loss = tf_val_loss(root / "models/base/m", root / "data/tokens/m", n_ctx=32, batch_size=4)
+    assert report["initial_val_loss"] == pytest.approx(base_loss, abs=1e-5)
 
 
 def test_convert_then_evaluate_reproduces_the_trainers_val_loss(trained):
@@ -109,11 +100,6 @@ def test_convert_then_evaluate_reproduces_the_trainers_val_loss(trained):
     assert samples.count("Sample 1 (seed") == len(cfg.evaluate.prompts)
 
 
-def committed_step(run: Path) -> int:
-    state = run / "textmill_state.json"
-    return json.loads(state.read_text())["step"] if state.is_file() else 0
-
-
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     from textmill.config import PathsConfig
     from textmill.training.pt.trainer import train
@@ -124,16 +110,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     cfg.paths = PathsConfig(tokens=str(root / "data/tokens"), base=str(root / "models/base"), runs=str(root / "ref/runs"),
                             reports=str(root / "ref/reports"))
     reference = train(cfg, "m", progress=False)
-    proc = subprocess.Popen([sys.executable, "-m", "textmill", "train", "m", "--no-progress"], cwd=root, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while committed_step(root / "models/runs/m") == 0:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    step = committed_step(root / "models/runs/m")
+    step = kill_after_first_checkpoint(root, ENV, entry="textmill", timeout=180)
     assert 0 < step < 12, f"the run was not killed mid-way (committed step {step})"
     done = subprocess.run([sys.executable, "-m", "textmill", "train", "m", "--no-progress"], cwd=root, env=ENV,
                           capture_output=True, text=True, timeout=300)

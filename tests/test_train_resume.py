@@ -4,38 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.fixtures.checkpoints import kill_after_first_checkpoint
 from tests.test_train_tf import REPO, load_cfg, make_env, metric
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def committed_step(run: Path) -> int:
-    state = run / "textmill_state.json"
-    return json.loads(state.read_text())["step"] if state.is_file() else 0
-
-
-def kill_after_first_checkpoint(root: Path) -> int:
-    """Start `textmill train m`, SIGKILL it as soon as a checkpoint is committed; the committed step."""
-    proc = subprocess.Popen([sys.executable, "-m", "textmill.cli", "train", "m", "--no-progress"], cwd=root, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while committed_step(root / "models/runs/m") == 0:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return committed_step(root / "models/runs/m")
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
@@ -46,7 +26,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     cfg = load_cfg(root)
     cfg.paths = _ref_paths(root)  # same data and base, another run folder
     reference = train(cfg, "m", progress=False)
-    step = kill_after_first_checkpoint(root)
+    step = kill_after_first_checkpoint(root, ENV)
     assert 0 < step < 60, f"the run was not killed mid-way (committed step {step})"
     done = subprocess.run([sys.executable, "-m", "textmill.cli", "train", "m", "--no-progress"], cwd=root, env=ENV,
                           capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.fixtures.checkpoints import tf_val_loss
 from textmill import config as config_mod
 from textmill import tokenizer as tok_io
 from textmill import weights
@@ -122,17 +123,9 @@ def test_report_and_validation_loss_falls(trained):
 
 def test_val_loss_is_the_shared_protocol(trained):
     """The trainer's final val loss equals a fresh evaluation of model-30 with training.data's protocol."""
-    import tensorflow as tf
-
-    from textmill.training import data
-    from textmill.training.tf.model import load
-
     root, report = trained
-    model = load(root / "models/runs/m")
-    val = data.open_tokens(root / "data/tokens/m", "val")
-    losses = ((tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model(x)).numpy(), w)
-              for x, y, w in data.eval_batches(val, 32, 3))
-    assert data.mean_loss(losses) == pytest.approx(report["val_loss"], abs=1e-5)
+    run_loss = tf_val_loss(root / "models/runs/m", root / "data/tokens/m", n_ctx=32, batch_size=3)
+    assert run_loss == pytest.approx(report["val_loss"], abs=1e-5)
 
 
 
