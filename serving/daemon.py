@@ -273,6 +273,7 @@ def main(argv: list[str]) -> int:
     sock = listen_socket(settings.host, settings.port)  # a port in use: one line, exit 2, before any model loads
     metrics = Metrics()
     engine = Engine(EngineOptions(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
+                                  max_prefill_tokens=settings.max_prefill_tokens,
                                   max_queue=settings.max_queue, cache_size=settings.cache_size,
                                   cache_ttl=settings.cache_ttl, cpu_threads=settings.cpu_threads,
                                   engine=settings.engine, cache_url=settings.cache_url,

@@ -36,6 +36,7 @@ class EngineOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = 8
+    max_prefill_tokens: int = 64
     max_queue: int = 64
     cache_size: int = 256
     cache_ttl: float = 300.0
@@ -60,6 +61,7 @@ def load_engine(name: str, version: str, folder: Path, manifest: dict, opts: Eng
     started = time.monotonic()
     spec = EngineSpec(name, version, Path(folder), manifest, device=opts.device, dtype=opts.dtype,
                       max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
+                      max_prefill_tokens=opts.max_prefill_tokens,
                       precision_tolerance=opts.precision_tolerance)
     try:
         engine = engine_class(opts.engine).load(spec, metrics)

@@ -19,22 +19,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(path: Path | str, device: str = "auto", dtype: str = "auto", *,
-               tolerance: float = 0.01) -> tuple[Any, Any, Any]:
+               tolerance: float = 0.01, lean: bool = True) -> tuple[Any, Any, Any]:
     """(model, tokenizer, precision report) from an export folder: `AutoModelForCausalLM` in eval mode on `device`, in
     the precision `serving.precision` chooses for `dtype` (auto | float32 | bfloat16 | float16 | int8: on CPU a
     reduced precision is kept only when its loss on the version's validation sample is within `tolerance` of fp32's),
     `AutoTokenizer`'s fast tokenizer (a `transformers.PreTrainedTokenizerFast`; its `.backend_tokenizer` is the Rust
     tokenizer the engines share across threads), and the `serving.precision.PrecisionReport` of that choice.
+    A GPT-2 model in a reduced precision on CPU comes wrapped in `serving.gpt2_runtime.GPT2Runtime` (the lean
+    serving forward pass, same call signature as transformers' for what the engines use) unless `lean=False`;
+    float32 stays transformers' own forward, the reference that greedy output is tested against.
     Raises whatever transformers raises for a bad folder, ValueError for a model whose fp32 loss is not finite."""
     from transformers import AutoTokenizer
 
-    from textmill.serving import precision
+    from textmill.serving import gpt2_runtime, precision
 
     check_config_matches_weights(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model, report = precision.load_model(Path(path), dtype, resolve_device(device), tokenizer.backend_tokenizer,
                                          tolerance=tolerance)
-    return model, tokenizer, report
+    return (gpt2_runtime.for_serving(model, report.chosen) if lean else model), tokenizer, report
 
 
 def check_config_matches_weights(path: Path | str) -> None:

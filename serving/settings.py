@@ -121,7 +121,7 @@ def validate(cfg: ServingConfig) -> ServingConfig:
     if not 0 <= cfg.precision_tolerance < 1:
         raise UserError(f"serving.precision_tolerance={cfg.precision_tolerance} must be in [0, 1) "
                         f"(a fraction: 0.01 = 1 % of the fp32 validation loss)")
-    for key in ("max_batch_size", "max_queue", "stream_every", "keep_versions", "cache_size", "cpu_threads"):
+    for key in ("max_batch_size", "max_prefill_tokens", "max_queue", "stream_every", "keep_versions", "cache_size", "cpu_threads"):
         if getattr(cfg, key) < (0 if key in ("keep_versions", "cpu_threads") else 1):
             raise UserError(f"serving.{key}={getattr(cfg, key)} is too small")
     # `not (a < x <= b)` also refuses NaN, which compares false to everything: a NaN poll interval made the sync loop

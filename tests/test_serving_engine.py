@@ -65,8 +65,9 @@ def test_stop_string_split_across_tokens_is_held_back():
     assert not stopped and delta == "ENo"  # it was not the stop string after all
 
 
-def test_same_text_alone_or_batched_and_greedy_is_top_k_1(tiny_export):
-    engine = engine_with(tiny_export, max_batch_size=8)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])   # transformers' forward / serving.gpt2_runtime
+def test_same_text_alone_or_batched_and_greedy_is_top_k_1(tiny_export, dtype):
+    engine = engine_with(tiny_export, max_batch_size=8, dtype=dtype)
     try:
         worker = engine.worker(MODEL)
 
@@ -90,8 +91,9 @@ def test_same_text_alone_or_batched_and_greedy_is_top_k_1(tiny_export):
         engine.close()
 
 
-def test_late_arrivals_join_a_running_batch_with_unchanged_text(tiny_export, monkeypatch):
-    engine = engine_with(tiny_export, max_batch_size=8, **slow_engines(monkeypatch))
+@pytest.mark.parametrize("dtype", ["float32", "int8"])   # transformers' forward / serving.gpt2_runtime
+def test_late_arrivals_join_a_running_batch_with_unchanged_text(tiny_export, monkeypatch, dtype):
+    engine = engine_with(tiny_export, max_batch_size=8, dtype=dtype, **slow_engines(monkeypatch))
     try:
         worker = engine.worker(MODEL)
         long = run_async(engine, "A long one", max_tokens=80, seed=1)
@@ -166,3 +168,17 @@ def test_node_falls_back_to_a_cached_version_when_latest_will_not_load(tiny_expo
         assert restarted.expected == [MODEL] and restarted.engine.probe(MODEL)
     finally:
         restarted.engine.close()
+
+
+def test_inverse_transform_draw_follows_the_distribution_and_never_picks_a_zero():
+    from collections import Counter
+
+    from textmill.serving.sampling import draw
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    counts = Counter(draw(probs, torch.Generator().manual_seed(s)) for s in range(4000))
+    assert set(counts) == {0, 2, 3}
+    assert all(abs(counts[i] / 4000 - p) < 0.03 for i, p in ((0, 0.1), (2, 0.6), (3, 0.3)))
+    # the same seed draws the same token; one certain token is always drawn, also at the end of the vocabulary
+    assert draw(probs, torch.Generator().manual_seed(7)) == draw(probs, torch.Generator().manual_seed(7))
+    assert all(draw(torch.tensor([0.0, 0.0, 1.0]), torch.Generator().manual_seed(s)) == 2 for s in range(50))

@@ -191,6 +191,7 @@ class ServingConfig:
     precision_tolerance: float = 0.01  # a reduced precision may change the validation loss by at most this fraction
     stream_every: int = 5          # WebSocket: send an update every N tokens
     max_batch_size: int = 8
+    max_prefill_tokens: int = 64   # prompt tokens prefilled per decode step while a batch runs (at least one prompt)
     max_queue: int = 64
     default_seed: int = 42
     cache_size: int = 256

@@ -117,6 +117,7 @@ class EngineSpec:
     dtype: str = "auto"
     max_batch_size: int = 8
     max_queue: int = 64
+    max_prefill_tokens: int = 64   # prompt tokens a running batch prefills per decode step (at least one prompt)
     precision_tolerance: float = 0.01   # serving.precision_tolerance: reduced precision's allowed relative loss change
 
 

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,8 @@ class BatchingEngine(ModelEngine):
     """A model version in memory plus the thread that runs its batches. `close()` drains the queue, then frees memory."""
 
     def __init__(self, name: str, version: str, folder: str, model: Any, tokenizer: Any, manifest: dict,
-                 *, max_batch_size: int, max_queue: int, metrics: Any = None, chat_template: str | None = None) -> None:
+                 *, max_batch_size: int, max_queue: int, max_prefill_tokens: int = 64, metrics: Any = None,
+                 chat_template: str | None = None) -> None:
         self.name, self.version, self.folder, self.manifest = name, version, folder, manifest
         self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
         self.device = next(model.parameters()).device
@@ -44,10 +46,11 @@ class BatchingEngine(ModelEngine):
         self.n_ctx = int(model.config.n_positions)
         self.eot_id = int(model.config.eos_token_id)
         self.vocab_size = int(model.config.vocab_size)
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
         self.metrics = metrics
         self.last_ok = 0.0            # monotonic time of the last successful forward pass
         self._queue: queue.Queue = queue.Queue()
+        self._pending: deque[Sequence] = deque()   # taken off the queue by the worker, not yet admitted to a batch
         self._submit_lock = threading.Lock()
         self._closed = False
         self._stopping = False        # the worker saw close(): finish what is running and queued, then free
@@ -62,7 +65,8 @@ class BatchingEngine(ModelEngine):
             raise LoadError(f"{type(e).__name__}: {e}") from e
         # The Rust tokenizer underneath: encode (API threads) and decode (engine thread) share it without locks.
         engine = cls(spec.name, spec.version, str(spec.folder), model, tok.backend_tokenizer, spec.manifest,
-                     max_batch_size=spec.max_batch_size, max_queue=spec.max_queue, metrics=metrics,
+                     max_batch_size=spec.max_batch_size, max_queue=spec.max_queue,
+                     max_prefill_tokens=spec.max_prefill_tokens, metrics=metrics,
                      chat_template=getattr(tok, "chat_template", None) or None)
         engine.precision_report = report
         return engine
@@ -94,49 +98,70 @@ class BatchingEngine(ModelEngine):
     def health(self) -> EngineHealth:
         alive = self._thread is not None and self._thread.is_alive()
         detail = "" if alive else ("not started" if self._thread is None else "worker thread has exited")
-        return EngineHealth(alive, self.last_ok, self._queue.qsize(), detail)
+        return EngineHealth(alive, self.last_ok, self.queue_depth, detail)
 
     def stats(self) -> dict[str, Any]:
         dtype = self.precision_report.chosen if self.precision_report is not None else str(self.dtype).replace("torch.", "")
         return {"engine": "batching", "device": str(self.device), "dtype": dtype,
-                "queue_depth": self._queue.qsize(), "max_batch_size": self.max_batch_size,
+                "queue_depth": self.queue_depth, "max_batch_size": self.max_batch_size,
+                "max_prefill_tokens": self.max_prefill_tokens,
                 "precision": self.precision_report.as_dict() if self.precision_report is not None else None}
 
     def submit(self, gen: Sequence) -> None:
         with self._submit_lock:  # nothing may land behind the stop marker, where no one would run it
             if self._closed:
                 raise Retired(f"{self.name} {self.version} was replaced")
-            if self._queue.qsize() >= self.max_queue:
-                raise QueueFull(f"model {self.name!r} has {self._queue.qsize()} requests waiting "
+            if self.queue_depth >= self.max_queue:
+                raise QueueFull(f"model {self.name!r} has {self.queue_depth} requests waiting "
                                 f"(max_queue={self.max_queue})")
             self._queue.put(gen)
         self._gauge_queue()
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        """Sequences waiting for a batch (queued or taken by the worker but not yet admitted)."""
+        return self._queue.qsize() + len(self._pending)
 
     def _gauge_queue(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
+            self.metrics.queue_depth.labels(self.name).set(self.queue_depth)
 
     def _take_waiting(self, limit: int, block: bool = False) -> list[Sequence]:
-        """Up to `limit` queued, not cancelled sequences; notes the stop marker instead of returning it."""
+        """Up to `limit` waiting, not cancelled sequences whose prompts add up to at most `max_prefill_tokens` (the
+        first one always fits: one prompt is admitted per step however long); notes the stop marker instead of
+        returning it. A sequence that does not fit stays first in line for the next step.
+
+        The budget is TGI's `max_batch_prefill_tokens` / vLLM's `max_num_batched_tokens` idea: a burst of arrivals is
+        prefilled a few prompts per decode step instead of all at once, so the first of them stream their first token
+        after one short prefill each (time to first token falls) and the running streams keep getting tokens
+        between those prefills."""
         taken: list[Sequence] = []
-        while len(taken) < limit and not self._stopping:
-            try:
-                item = self._queue.get(block=block and not taken)
-            except queue.Empty:
+        tokens = 0
+        while len(taken) < limit:
+            if not self._pending:
+                if self._stopping:
+                    break
+                try:
+                    item = self._queue.get(block=block and not taken)
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._stopping = True
+                    continue
+                self._pending.append(item)
+            g = self._pending[0]
+            if self._drop_if_cancelled(g):
+                self._pending.popleft()
+                continue
+            if taken and tokens + len(g.prompt_ids) > self.max_prefill_tokens:
                 break
-            if item is _STOP:
-                self._stopping = True
-            elif not self._drop_if_cancelled(item):
-                taken.append(item)
+            taken.append(self._pending.popleft())
+            tokens += len(g.prompt_ids)
         self._gauge_queue()
         return taken
 
     def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping or self._pending:
             batch = self._take_waiting(self.max_batch_size, block=True)
             if batch:
                 self.run_batch(batch)
@@ -284,10 +309,10 @@ class BatchingEngine(ModelEngine):
         if not new.rows:
             return tokens
         width = max(run.mask.shape[1], new.mask.shape[1])
-        for old_layer, new_layer in zip(run.cache.layers, new.cache.layers):
-            for attr in ("keys", "values"):
-                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
-                setattr(old_layer, attr, torch.cat([_left_pad(a, width, dim=2), _left_pad(b, width, dim=2)], dim=0))
+        if hasattr(run.cache, "merge"):   # serving.gpt2_runtime.KVCache: one copy into a preallocated buffer
+            run.cache.merge(new.cache, width)
+        else:                             # transformers' DynamicCache
+            _merge_dynamic_caches(run.cache, new.cache, width)
         run.mask = torch.cat([_left_pad(run.mask, width, dim=1), _left_pad(new.mask, width, dim=1)], dim=0)
         run.next_pos = torch.cat([run.next_pos, new.next_pos])
         for name in ("rows", "rngs", "counts"):
@@ -306,6 +331,14 @@ class BatchingEngine(ModelEngine):
             g.finish("length")
             return False
         return True
+
+
+def _merge_dynamic_caches(cache: Any, other: Any, width: int) -> None:
+    """Append `other`'s rows to a transformers cache, both left-padded to `width` positions."""
+    for old_layer, new_layer in zip(cache.layers, other.layers):
+        for attr in ("keys", "values"):
+            a, b = getattr(old_layer, attr), getattr(new_layer, attr)
+            setattr(old_layer, attr, torch.cat([_left_pad(a, width, dim=2), _left_pad(b, width, dim=2)], dim=0))
 
 
 def _left_pad(x: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:

@@ -1,0 +1,225 @@
+"""A lean GPT-2 forward pass for serving: the same weights as a transformers `GPT2LMHeadModel`, called with far fewer
+Python-level operations per token, on a preallocated KV cache that is written in place instead of concatenated.
+
+Why: at batch 1 on a 2-core CPU, an int8 GPT-2-medium decode step reads ~355 MB of weights (~12 ms at 29 GB/s), while
+transformers' generic forward spends ~6 ms of interpreter and dispatch overhead per step on 24 layers, and its
+`DynamicCache` copies every layer's whole K/V (`torch.cat`) on every step (31 MB per step for one 160-token
+sequence; 8x that at batch 8). This module keeps only what a decode step needs: per layer one layer norm, the fused
+QKV projection, an in-place K/V write, `scaled_dot_product_attention`, the output projection, the MLP. The projections
+are the model's own modules (`nn.Linear` after `serving.precision.conv1d_to_linear`, or `serving.precision.Int8Linear`),
+so the quantization the loss check scored is exactly what runs. Measured in bench/RESULTS.md.
+
+Used for reduced precisions on CPU (`serving.precision` hands its model here); float32 keeps transformers' forward,
+which is the reference greedy output is tested against. Logic follows transformers'
+`models/gpt2/modeling_gpt2.py` (GPT2Attention/GPT2MLP/GPT2Block) and nanoGPT's `model.py`.
+
+The call signature is the subset of transformers' that `serving.engines.batching` uses, so the engine drives either:
+`runtime(input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GPT2Runtime", "KVCache", "for_serving", "supports"]
+
+_GELU_TANH = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+
+
+def supports(model: nn.Module) -> bool:
+    """True for a transformers GPT-2 LM whose options this runtime implements (plain pre-LN blocks, tanh GELU, no
+    cross-attention, no per-layer attention scaling or upcasting); anything else keeps transformers' forward."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) == "gpt2" and hasattr(model, "transformer")
+            and config.activation_function in _GELU_TANH and not config.add_cross_attention
+            and not config.scale_attn_by_inverse_layer_idx and not config.reorder_and_upcast_attn
+            and config.scale_attn_weights)
+
+
+def for_serving(model: nn.Module, precision: str) -> Any:
+    """What serves `model` (already converted to `precision`, a `serving.precision` name): a `GPT2Runtime` over it
+    for a reduced precision of a supported GPT-2 on CPU, else `model` itself (float32 stays transformers' forward,
+    the reference greedy output is tested against; GPU and other architectures keep it too)."""
+    if precision == "float32" or not supports(model) or next(model.parameters()).device.type != "cpu":
+        return model
+    from textmill.serving.precision import conv1d_to_linear
+
+    conv1d_to_linear(model)   # bit-identical views; an Int8Linear model has no Conv1D left
+    return GPT2Runtime(model)
+
+
+class _LayerCache:
+    """One layer's K and V buffers [batch, heads, capacity, head_dim]; `keys`/`values` are views of the filled part."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, owner: "KVCache") -> None:
+        self.k, self.v, self._owner = k, v, owner
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, :self._owner.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, :self._owner.length]
+
+
+class KVCache:
+    """Preallocated KV cache for a batch of left-padded rows: every layer holds K and V buffers of shape
+    [batch, heads, capacity, head_dim]; positions [0, length) are filled. A forward pass writes its new positions in
+    place; when they do not fit, capacity doubles (bounded by `max_length`), so a sequence of n tokens costs O(n) copies
+    in total instead of O(n^2) with a concatenating cache."""
+
+    def __init__(self, n_layer: int, batch: int, heads: int, head_dim: int, capacity: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.length, self.max_length = 0, max_length
+        shape = (batch, heads, max(1, min(capacity, max_length)), head_dim)
+        self.layers = [_LayerCache(torch.empty(shape, dtype=dtype, device=device),
+                                   torch.empty(shape, dtype=dtype, device=device), self) for _ in range(n_layer)]
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].k.shape[0]
+
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for `new_tokens` more positions (doubling the capacity, up to `max_length`)."""
+        needed = self.length + new_tokens
+        if needed <= self.capacity:
+            return
+        capacity = min(max(needed, 2 * self.capacity), max(needed, self.max_length))
+        for layer in self.layers:
+            for name in ("k", "v"):
+                old = getattr(layer, name)
+                new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
+                new[:, :, :self.length] = old[:, :, :self.length]
+                setattr(layer, name, new)
+
+    def batch_select_indices(self, index: torch.Tensor) -> None:
+        """Keep only the rows `index` (1-D int64), in that order."""
+        for layer in self.layers:
+            layer.k, layer.v = layer.k[index], layer.v[index]
+
+    def merge(self, other: "KVCache", width: int) -> None:
+        """Append `other`'s rows below this cache's, both left-padded with zeros to `width` filled positions (the
+        attention mask hides the padding)."""
+        capacity = max(width, min(2 * width, self.max_length))
+        for mine, theirs in zip(self.layers, other.layers):
+            for name in ("k", "v"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                merged = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]))
+                merged[:a.shape[0], :, width - self.length:width] = a[:, :, :self.length]
+                merged[a.shape[0]:, :, width - other.length:width] = b[:, :, :other.length]
+                setattr(mine, name, merged)
+        self.length = width
+
+
+@dataclass
+class RuntimeOutput:
+    """What a forward pass returns: `logits` [batch, kept positions, vocab] (fp32) and the updated cache."""
+
+    logits: torch.Tensor
+    past_key_values: KVCache
+
+
+class GPT2Runtime:
+    """Serve-time forward pass over the modules of a transformers GPT-2 LM (see the module docstring).
+
+    `model` is a `GPT2LMHeadModel` in eval mode whose Conv1D layers were already turned into Linear-like modules
+    (`serving.precision.conv1d_to_linear` / `quantize_int8`), or any of its precision variants. Only inference: no
+    dropout, no gradients. `config` and `parameters()` are the wrapped model's, so engines read device, dtype and
+    sizes the same way for both."""
+
+    def __init__(self, model: nn.Module, *, headroom: int = 64) -> None:
+        if not supports(model):
+            raise ValueError("GPT2Runtime runs plain GPT-2 models only")
+        from transformers.pytorch_utils import Conv1D
+
+        if any(isinstance(m, Conv1D) for m in model.modules()):
+            raise ValueError("convert GPT-2's Conv1D layers first (serving.precision.conv1d_to_linear)")
+        self.model, self.config = model, model.config
+        t = model.transformer
+        self.wte, self.wpe, self.ln_f, self.lm_head = t.wte.weight, t.wpe.weight, t.ln_f, model.lm_head
+        self.n_head = int(model.config.n_head)
+        self.head_dim = int(model.config.n_embd) // self.n_head
+        self.eps = float(model.config.layer_norm_epsilon)
+        self.n_ctx = int(model.config.n_positions)
+        self.headroom = headroom
+        self.blocks = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn, b.attn.c_proj, b.ln_2.weight, b.ln_2.bias,
+                        b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
+        self.dtype = t.ln_f.weight.dtype     # activations between the projections
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    def eval(self) -> "GPT2Runtime":
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                 use_cache: bool = True, logits_to_keep: int = 0, **_: Any) -> RuntimeOutput:
+        """One forward pass. `input_ids` [B, T] int64 (new tokens only); `attention_mask` [B, past + T] (1 = real
+        token, 0 = left padding), default all ones; `position_ids` [B, T], default past..past+T-1;
+        `past_key_values` a KVCache from an earlier call (None starts one, sized T + headroom); `logits_to_keep`:
+        0 = logits for every position, k = the last k. Returns RuntimeOutput(logits fp32 [B, kept, vocab], cache).
+        Raises ValueError when past + T exceeds the model's context (n_positions)."""
+        batch, new = input_ids.shape
+        cache = past_key_values
+        past = cache.length if cache is not None else 0
+        if past + new > self.n_ctx:
+            raise ValueError(f"{past + new} positions exceed the model's context of {self.n_ctx}")
+        if cache is None:
+            cache = KVCache(len(self.blocks), batch, self.n_head, self.head_dim, new + self.headroom, self.n_ctx,
+                            self.dtype, input_ids.device)
+        cache.reserve(new)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + new, device=input_ids.device).expand(batch, new)
+        mask = self._attention_mask(attention_mask, batch, past, new, input_ids.device)
+        x = F.embedding(input_ids, self.wte) + F.embedding(position_ids, self.wpe)
+        x = x.to(self.dtype)
+        end = past + new
+        c, h, d = x.shape[-1], self.n_head, self.head_dim
+        for layer, (w1, b1, c_attn, attn_proj, w2, b2, c_fc, mlp_proj) in zip(cache.layers, self.blocks):
+            qkv = c_attn(F.layer_norm(x, (c,), w1, b1, self.eps)).to(self.dtype)
+            q, k, v = qkv.view(batch, new, 3, h, d).permute(2, 0, 3, 1, 4)   # each [B, H, T, D]
+            layer.k[:, :, past:end] = k
+            layer.v[:, :, past:end] = v
+            y = F.scaled_dot_product_attention(q, layer.k[:, :, :end], layer.v[:, :, :end], attn_mask=mask)
+            x = x + attn_proj(y.transpose(1, 2).reshape(batch, new, c)).to(self.dtype)
+            m = F.gelu(c_fc(F.layer_norm(x, (c,), w2, b2, self.eps)), approximate="tanh")
+            x = x + mlp_proj(m).to(self.dtype)
+        cache.length = end
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.ln_f(x)).float()
+        return RuntimeOutput(logits=logits, past_key_values=cache)
+
+    @staticmethod
+    def _attention_mask(attention_mask: torch.Tensor | None, batch: int, past: int, new: int,
+                        device: torch.device) -> torch.Tensor | None:
+        """Boolean [B, 1, T, past + T] (True = may attend): causal within the new tokens, padding keys hidden. A
+        padding query (left padding of a prefill) attends to itself only, so no row is all -inf (its output is
+        never used). None when nothing is masked (one new token, no padding)."""
+        keys = past + new
+        if attention_mask is None or bool(attention_mask.all()):
+            if new == 1:
+                return None
+            key_ok = torch.ones((batch, keys), dtype=torch.bool, device=device)
+        else:
+            key_ok = attention_mask[:, -keys:].bool()
+        allowed = key_ok[:, None, None, :].expand(batch, 1, new, keys)
+        if new > 1:
+            query_pos = torch.arange(past, keys, device=device)
+            causal = torch.arange(keys, device=device)[None, :] <= query_pos[:, None]          # [T, keys]
+            self_only = torch.arange(keys, device=device)[None, :] == query_pos[:, None]
+            allowed = (allowed & causal) | self_only
+        return allowed
+
