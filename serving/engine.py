@@ -55,6 +55,58 @@ def configure_cpu_threads(requested: int) -> int:
     return threads
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt(3) parameters
+ALLOCATOR_KEEP_BYTES = 32 << 20                # glibc's largest mmap threshold: blocks below it come from the heap
+
+
+def configure_allocator() -> bool:
+    """Keep freed activation memory in the process instead of handing it back to the kernel after every op (glibc only;
+    False elsewhere, where nothing is changed).
+
+    The engine's worker is not the main thread, so glibc serves it from a per-thread arena whose free memory above the
+    trim threshold is returned to the kernel and faulted in again on the next allocation: ~2,400 page faults per
+    GPT-2-medium prefill layer stack, and a 20-25 % slower decode step on the bench machine (bench/RESULTS.md). Fixed
+    thresholds (32 MiB mmap, 512 MiB trim) turn off glibc's dynamic ones; memory use is then bounded by the peak, as
+    before, but stays mapped. Same knobs as `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, set from inside."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    kept = mallopt(M_MMAP_THRESHOLD, ALLOCATOR_KEEP_BYTES)
+    return bool(kept) and bool(mallopt(M_TRIM_THRESHOLD, 16 * ALLOCATOR_KEEP_BYTES))
+
+
+def off_main_thread(fn: Any, *args: Any) -> Any:
+    """`fn(*args)`, run on a helper thread (and waited for) when called on the main thread; directly otherwise.
+    Exceptions propagate.
+
+    Why: once the main thread has run a parallel torch op, the engine workers' (other threads') OpenMP parallel
+    regions lost most of their speed-up on the 2-core bench machine: a GPT-2-medium int8 prefill took 160 ms on a
+    worker thread instead of 85 ms, a batch-8 decode step 60 instead of 40 (libgomp keeps a thread team per calling
+    thread; measured in bench/RESULTS.md). `textmill serve` loads its first versions on the main thread before the
+    event loop starts, so model loading (the quality check runs forward passes) is kept off it."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:   # handed to the caller, re-raised there
+            result["error"] = e
+
+    helper = threading.Thread(target=run, name="textmill-load", daemon=True)
+    helper.start()
+    helper.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def load_engine(name: str, version: str, folder: Path, manifest: dict, opts: EngineOptions,
                 metrics: Any) -> ModelEngine:
     """Load a verified cache folder with the configured engine and warm it; raises LoadError on any failure."""
@@ -84,7 +136,8 @@ class Engine:
         engine_class(opts.engine)  # an unknown engine name fails here, before anything loads
         self.opts, self.metrics = opts, metrics
         if resolve_device(opts.device).type == "cpu":
-            log.info("CPU inference with %d torch thread(s)", configure_cpu_threads(opts.cpu_threads))
+            log.info("CPU inference with %d torch thread(s)%s", configure_cpu_threads(opts.cpu_threads),
+                     "" if configure_allocator() else " (allocator thresholds unchanged: not glibc)")
         self.live: dict[str, ModelEngine] = {}
         self.failed: dict[str, str] = {}             # model -> "version: reason" of the last failed load
         self._lock = threading.Lock()
@@ -120,7 +173,7 @@ class Engine:
         if current is not None and current.version == version:
             return True
         try:
-            engine = load_engine(name, version, folder, manifest, self.opts, self.metrics)
+            engine = off_main_thread(load_engine, name, version, folder, manifest, self.opts, self.metrics)
         except LoadError as e:
             log.error("model %s: version %s failed to load, keeping %s: %s", name, version,
                       current.version if current else "nothing", e)

@@ -54,30 +54,33 @@ def for_serving(model: nn.Module, precision: str) -> Any:
 
 
 class _LayerCache:
-    """One layer's K and V buffers [batch, heads, capacity, head_dim]; `keys`/`values` are views of the filled part."""
+    """One layer's K and V buffers [row capacity, heads, capacity, head_dim]; `keys`/`values` are views of the filled
+    part [batch, heads, length, head_dim]."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, owner: "KVCache") -> None:
         self.k, self.v, self._owner = k, v, owner
 
     @property
     def keys(self) -> torch.Tensor:
-        return self.k[:, :, :self._owner.length]
+        return self.k[:self._owner.batch, :, :self._owner.length]
 
     @property
     def values(self) -> torch.Tensor:
-        return self.v[:, :, :self._owner.length]
+        return self.v[:self._owner.batch, :, :self._owner.length]
 
 
 class KVCache:
     """Preallocated KV cache for a batch of left-padded rows: every layer holds K and V buffers of shape
-    [batch, heads, capacity, head_dim]; positions [0, length) are filled. A forward pass writes its new positions in
-    place; when they do not fit, capacity doubles (bounded by `max_length`), so a sequence of n tokens costs O(n) copies
-    in total instead of O(n^2) with a concatenating cache."""
+    [row capacity, heads, capacity, head_dim]; rows [0, batch) and positions [0, length) are in use. A forward pass
+    writes its new positions in place; when they do not fit, capacity doubles (bounded by `max_length`), so a sequence
+    of n tokens costs O(n) copies in total instead of O(n^2) with a concatenating cache. Rows that end are compacted
+    in place and rows that join are written below the others (`merge`), so continuous batching moves only the rows
+    that change, not the whole cache."""
 
     def __init__(self, n_layer: int, batch: int, heads: int, head_dim: int, capacity: int, max_length: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.length, self.max_length = 0, max_length
-        shape = (batch, heads, max(1, min(capacity, max_length)), head_dim)
+        self.length, self.max_length, self.batch = 0, max_length, batch
+        shape = (max(1, batch), heads, max(1, min(capacity, max_length)), head_dim)
         self.layers = [_LayerCache(torch.empty(shape, dtype=dtype, device=device),
                                    torch.empty(shape, dtype=dtype, device=device), self) for _ in range(n_layer)]
 
@@ -86,47 +89,76 @@ class KVCache:
         return self.layers[0].k.shape[2]
 
     @property
-    def batch(self) -> int:
+    def row_capacity(self) -> int:
         return self.layers[0].k.shape[0]
 
-    def reserve(self, new_tokens: int) -> None:
-        """Make room for `new_tokens` more positions (doubling the capacity, up to `max_length`)."""
-        needed = self.length + new_tokens
-        if needed <= self.capacity:
-            return
-        capacity = min(max(needed, 2 * self.capacity), max(needed, self.max_length))
+    def _reallocate(self, rows: int, capacity: int) -> None:
         for layer in self.layers:
             for name in ("k", "v"):
                 old = getattr(layer, name)
-                new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
-                new[:, :, :self.length] = old[:, :, :self.length]
+                new = old.new_empty((rows, old.shape[1], capacity, old.shape[3]))
+                new[:self.batch, :, :self.length] = old[:self.batch, :, :self.length]
                 setattr(layer, name, new)
 
+    def reserve(self, new_tokens: int, rows: int | None = None) -> None:
+        """Make room for `new_tokens` more positions and `rows` rows (default: the rows in use), doubling what is
+        short (positions up to `max_length`)."""
+        needed, rows = self.length + new_tokens, self.batch if rows is None else rows
+        if needed <= self.capacity and rows <= self.row_capacity:
+            return
+        capacity = self.capacity if needed <= self.capacity else min(max(needed, 2 * self.capacity),
+                                                                      max(needed, self.max_length))
+        self._reallocate(max(rows, 2 * self.row_capacity) if rows > self.row_capacity else self.row_capacity,
+                         capacity)
+
     def batch_select_indices(self, index: torch.Tensor) -> None:
-        """Keep only the rows `index` (1-D int64), in that order."""
+        """Keep only the rows `index` (1-D int64), in that order (compacted in place)."""
+        n, end = int(index.numel()), self.length
         for layer in self.layers:
-            layer.k, layer.v = layer.k[index], layer.v[index]
+            layer.k[:n, :, :end] = layer.k[index, :, :end]
+            layer.v[:n, :, :end] = layer.v[index, :, :end]
+        self.batch = n
 
     def merge(self, other: "KVCache", width: int) -> None:
         """Append `other`'s rows below this cache's, both left-padded with zeros to `width` filled positions (the
-        attention mask hides the padding)."""
-        capacity = max(width, min(2 * width, self.max_length))
+        attention mask hides the padding; zeros, not stale memory, so that masked values cannot be NaN)."""
+        n, m = self.batch, other.batch
+        self.reserve(width - self.length, rows=n + m)
+        shift = width - self.length
         for mine, theirs in zip(self.layers, other.layers):
             for name in ("k", "v"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                merged = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]))
-                merged[:a.shape[0], :, width - self.length:width] = a[:, :, :self.length]
-                merged[a.shape[0]:, :, width - other.length:width] = b[:, :, :other.length]
-                setattr(mine, name, merged)
-        self.length = width
+                buf, src = getattr(mine, name), getattr(theirs, name)
+                if shift > 0:   # the newcomers are longer: move the running rows right
+                    buf[:n, :, shift:width] = buf[:n, :, :self.length].clone()
+                    buf[:n, :, :shift] = 0
+                buf[n:n + m, :, width - other.length:width] = src[:m, :, :other.length]
+                buf[n:n + m, :, :width - other.length] = 0
+        self.batch, self.length = n + m, width
 
 
 @dataclass
 class RuntimeOutput:
-    """What a forward pass returns: `logits` [batch, kept positions, vocab] (fp32) and the updated cache."""
+    """What a forward pass returns: `logits` [batch, kept positions, vocab] (fp32), the updated cache, and the
+    output of the `prefill` group run in the same pass, if any."""
 
     logits: torch.Tensor
     past_key_values: KVCache
+    prefill: "RuntimeOutput | None" = None
+
+
+@dataclass
+class _Group:
+    """One group of rows in a forward pass: its new tokens, positions, cache and attention mask."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    batch: int
+    new: int
+    past: int
+    end: int
+    cache: KVCache
+    mask: torch.Tensor | None
+    keep: int
 
 
 class GPT2Runtime:
@@ -136,6 +168,8 @@ class GPT2Runtime:
     (`serving.precision.conv1d_to_linear` / `quantize_int8`), or any of its precision variants. Only inference: no
     dropout, no gradients. `config` and `parameters()` are the wrapped model's, so engines read device, dtype and
     sizes the same way for both."""
+
+    prefills_with_decode = True   # __call__ takes a `prefill` group beside a decode step (serving.engines.batching)
 
     def __init__(self, model: nn.Module, *, headroom: int = 64) -> None:
         if not supports(model):
@@ -165,15 +199,60 @@ class GPT2Runtime:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
-                 use_cache: bool = True, logits_to_keep: int = 0, **_: Any) -> RuntimeOutput:
+                 use_cache: bool = True, logits_to_keep: int = 0, prefill: dict[str, Any] | None = None,
+                 **_: Any) -> RuntimeOutput:
         """One forward pass. `input_ids` [B, T] int64 (new tokens only); `attention_mask` [B, past + T] (1 = real
         token, 0 = left padding), default all ones; `position_ids` [B, T], default past..past+T-1;
         `past_key_values` a KVCache from an earlier call (None starts one, sized T + headroom); `logits_to_keep`:
         0 = logits for every position, k = the last k. Returns RuntimeOutput(logits fp32 [B, kept, vocab], cache).
-        Raises ValueError when past + T exceeds the model's context (n_positions)."""
+
+        `prefill`: a second, independent group of new sequences (keys `input_ids`, `attention_mask`, `position_ids`,
+        `logits_to_keep`, as above; no cache) run in the same pass: the projections see both groups' tokens as one
+        matrix, so a decode step and the prefill of arriving sequences read the weights once instead of twice
+        (vLLM's chunked prefill mixes prefill and decode tokens in one batch for the same reason). Each group attends
+        only to its own cache. Its result is `RuntimeOutput.prefill`.
+        Raises ValueError when a group's past + T exceeds the model's context (n_positions)."""
+        groups = [self._group(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep)]
+        if prefill is not None:
+            groups.append(self._group(prefill["input_ids"], prefill.get("attention_mask"),
+                                      prefill.get("position_ids"), None, prefill.get("logits_to_keep", 0)))
+        sizes = [g.batch * g.new for g in groups]
+        x = torch.cat([(F.embedding(g.ids, self.wte) + F.embedding(g.pos, self.wpe)).reshape(n, -1)
+                       for g, n in zip(groups, sizes)]).to(self.dtype)            # [tokens of all groups, C]
+        c, h, d = x.shape[-1], self.n_head, self.head_dim
+        for i, (w1, b1, c_attn, attn_proj, w2, b2, c_fc, mlp_proj) in enumerate(self.blocks):
+            qkv = c_attn(F.layer_norm(x, (c,), w1, b1, self.eps)).to(self.dtype)
+            heads = []
+            for g, part in zip(groups, qkv.split(sizes)):
+                layer, rows = g.cache.layers[i], g.batch
+                q, k, v = part.view(rows, g.new, 3, h, d).permute(2, 0, 3, 1, 4)   # each [B, H, T, D]
+                layer.k[:rows, :, g.past:g.end] = k
+                layer.v[:rows, :, g.past:g.end] = v
+                y = F.scaled_dot_product_attention(q, layer.k[:rows, :, :g.end], layer.v[:rows, :, :g.end],
+                                                   attn_mask=g.mask)
+                heads.append(y.transpose(1, 2).reshape(g.batch * g.new, c))
+            x = x + attn_proj(heads[0] if len(heads) == 1 else torch.cat(heads)).to(self.dtype)
+            m = F.gelu(c_fc(F.layer_norm(x, (c,), w2, b2, self.eps)), approximate="tanh")
+            x = x + mlp_proj(m).to(self.dtype)
+        kept = []
+        for g, part in zip(groups, x.split(sizes)):
+            g.cache.length = g.end
+            part = part.view(g.batch, g.new, c)
+            kept.append(part[:, -g.keep:] if g.keep else part)
+        # the output projection once for every group's kept positions
+        logits = self.lm_head(self.ln_f(torch.cat([k.reshape(-1, c) for k in kept]))).float()
+        outputs = [RuntimeOutput(logits=part.view(k.shape[0], k.shape[1], -1), past_key_values=g.cache)
+                   for g, k, part in zip(groups, kept, logits.split([k.shape[0] * k.shape[1] for k in kept]))]
+        if prefill is not None:
+            outputs[0].prefill = outputs[1]
+        return outputs[0]
+
+    def _group(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None, cache: KVCache | None, keep: int) -> "_Group":
         batch, new = input_ids.shape
-        cache = past_key_values
         past = cache.length if cache is not None else 0
+        if cache is not None and cache.batch != batch:
+            raise ValueError(f"{batch} rows of input for a cache of {cache.batch} rows")
         if past + new > self.n_ctx:
             raise ValueError(f"{past + new} positions exceed the model's context of {self.n_ctx}")
         if cache is None:
@@ -183,24 +262,7 @@ class GPT2Runtime:
         if position_ids is None:
             position_ids = torch.arange(past, past + new, device=input_ids.device).expand(batch, new)
         mask = self._attention_mask(attention_mask, batch, past, new, input_ids.device)
-        x = F.embedding(input_ids, self.wte) + F.embedding(position_ids, self.wpe)
-        x = x.to(self.dtype)
-        end = past + new
-        c, h, d = x.shape[-1], self.n_head, self.head_dim
-        for layer, (w1, b1, c_attn, attn_proj, w2, b2, c_fc, mlp_proj) in zip(cache.layers, self.blocks):
-            qkv = c_attn(F.layer_norm(x, (c,), w1, b1, self.eps)).to(self.dtype)
-            q, k, v = qkv.view(batch, new, 3, h, d).permute(2, 0, 3, 1, 4)   # each [B, H, T, D]
-            layer.k[:, :, past:end] = k
-            layer.v[:, :, past:end] = v
-            y = F.scaled_dot_product_attention(q, layer.k[:, :, :end], layer.v[:, :, :end], attn_mask=mask)
-            x = x + attn_proj(y.transpose(1, 2).reshape(batch, new, c)).to(self.dtype)
-            m = F.gelu(c_fc(F.layer_norm(x, (c,), w2, b2, self.eps)), approximate="tanh")
-            x = x + mlp_proj(m).to(self.dtype)
-        cache.length = end
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.ln_f(x)).float()
-        return RuntimeOutput(logits=logits, past_key_values=cache)
+        return _Group(input_ids, position_ids, batch, new, past, past + new, cache, mask, keep)
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, batch: int, past: int, new: int,

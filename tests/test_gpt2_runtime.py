@@ -159,6 +159,8 @@ class _Recording(HookedBatchingEngine):
     def _forward(self, gens, **inputs):
         if inputs.get("past_key_values") is None:
             self.prefills.append(len(gens))
+        elif inputs.get("prefill") is not None:   # arrivals prefilled in the same pass as a decode step
+            self.prefills.append(inputs["prefill"]["input_ids"].shape[0])
         return super()._forward(gens, **inputs)
 
 
@@ -184,5 +186,51 @@ def test_a_burst_is_prefilled_within_the_token_budget_with_unchanged_text(tiny_e
                                worker.tokenizer)
             worker.run_batch([alone])
             assert alone.text == g.text
+    finally:
+        engine.close()
+
+
+@torch.inference_mode()
+def test_a_prefill_group_in_a_decode_step_gives_what_two_passes_give():
+    runtime = GPT2Runtime(precision.quantize_int8(tiny_gpt2(2)))
+    ids, mask, pos = left_padded([[3, 4, 5, 6], [7, 8]])
+    first = runtime(ids, mask, pos, logits_to_keep=1)
+    step_mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], dim=1)
+    new_ids, new_mask, new_pos = left_padded([[9, 10, 11], [12, 13, 14, 15, 16]])
+    solo_cache = KVCache(3, 2, 4, 16, 8, 96, torch.float32, torch.device("cpu"))
+    for name in ("k", "v"):   # a copy of the running cache for the two-pass reference
+        for mine, theirs in zip(solo_cache.layers, first.past_key_values.layers):
+            setattr(mine, name, getattr(theirs, name).clone())
+    solo_cache.length = first.past_key_values.length
+    decode_alone = runtime(torch.tensor([[20], [21]]), step_mask, pos[:, -1:] + 1, past_key_values=solo_cache)
+    prefill_alone = runtime(new_ids, new_mask, new_pos, logits_to_keep=0)
+    mixed = runtime(torch.tensor([[20], [21]]), step_mask, pos[:, -1:] + 1, past_key_values=first.past_key_values,
+                    prefill={"input_ids": new_ids, "attention_mask": new_mask, "position_ids": new_pos,
+                             "logits_to_keep": 0})
+    assert mixed.logits.shape == (2, 1, 300) and mixed.prefill.logits.shape == (2, 5, 300)
+    assert (mixed.logits - decode_alone.logits).abs().max() < 1e-5
+    real = new_mask.bool()
+    assert (mixed.prefill.logits[real] - prefill_alone.logits[real]).abs().max() < 1e-5
+    assert mixed.past_key_values.length == 5 and mixed.prefill.past_key_values.length == 5
+
+
+def test_a_prompt_scored_while_joining_a_running_batch_matches_scoring_it_alone(tiny_export, monkeypatch):
+    monkeypatch.setitem(ENGINES, "slow", HookedBatchingEngine.configure(step_delay=0.02))
+    engine = Engine(EngineOptions(device="cpu", dtype="int8", engine="slow"))
+    try:
+        assert engine.swap(MODEL, "v1", tiny_export, {"files": []})
+        worker = engine.worker(MODEL)
+        params = SamplingParams(max_tokens=4, seed=5, logprobs=2, prompt_logprobs=True)
+        long = engine.submit(worker, "A long one", worker.encode("A long one"), SamplingParams(max_tokens=40))
+        time.sleep(0.15)
+        prompt = "Once upon a time there was a little"
+        joined = engine.submit(worker, prompt, worker.encode(prompt), params)
+        assert joined.wait(30) and long.wait(30) and not long.error
+        alone = Generation(prompt, MODEL, "v1", prompt, worker.encode(prompt), params, worker.tokenizer)
+        worker.run_batch([alone])
+        assert joined.text == alone.text and len(joined.prompt_steps) == len(worker.encode(prompt)) - 1
+        for a, b in zip(joined.prompt_steps + joined.steps, alone.prompt_steps + alone.steps):
+            assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
     finally:
         engine.close()

@@ -223,28 +223,48 @@ class BatchingEngine(ModelEngine):
 
     @torch.inference_mode()
     def _generate(self, gens: list[Sequence]) -> None:
-        """Decode until every row has ended; sequences that arrive meanwhile join between steps (continuous batching)."""
+        """Decode until every row has ended; sequences that arrive meanwhile join between steps (continuous batching).
+
+        With a model that takes a `prefill` group beside a decode step (`prefills_with_decode`, serving.gpt2_runtime)
+        the arrivals are prefilled in the same forward pass as the running rows' next step (one read of the
+        weights); otherwise they are prefilled on their own first."""
+        mixed = getattr(self.model, "prefills_with_decode", False)
         run = self._prefill(gens)
         tokens = self._sample(run)
         while run.rows:
             room = self.max_batch_size - len(run.rows)
             joining = self._take_waiting(room) if room > 0 else []
-            if joining:
-                gens.extend(joining)
-                new = self._prefill(joining)
-                tokens = self._merge(run, tokens, new, self._sample(new))
+            gens.extend(joining)
+            if joining and not mixed:
+                tokens = self._merge(run, tokens, self._prefill(joining), None)
+                joining = []
             run.mask = torch.cat([run.mask, run.mask.new_ones((len(run.rows), 1))], dim=1)
-            out = self._forward(run.rows, input_ids=torch.tensor(tokens, device=self.device)[:, None],
-                                attention_mask=run.mask, position_ids=run.next_pos[:, None],
-                                past_key_values=run.cache)
+            step = {"input_ids": torch.tensor(tokens, device=self.device)[:, None], "attention_mask": run.mask,
+                    "position_ids": run.next_pos[:, None], "past_key_values": run.cache}
+            if joining:
+                inputs, scoring = self._prefill_inputs(joining), self._scoring(joining)
+                out = self._forward(run.rows + joining, **step,
+                                    prefill={**inputs, "logits_to_keep": 0 if scoring else 1})
+                new = self._new_rows(joining, inputs, out.prefill, scoring)
+            else:
+                out = self._forward(run.rows, **step)
             run.cache, run.logits, run.next_pos = out.past_key_values, out.logits[:, -1, :], run.next_pos + 1
             tokens = self._sample(run)
+            if joining:
+                tokens = self._merge(run, tokens, new, None)
+
+    @staticmethod
+    def _scoring(gens: list[Sequence]) -> bool:
+        return any(g.params.prompt_logprobs for g in gens)
 
     def _prefill(self, gens: list[Sequence]) -> "_Rows":
-        inputs = self._prefill_inputs(gens)
-        scoring = any(g.params.prompt_logprobs for g in gens)
+        inputs, scoring = self._prefill_inputs(gens), self._scoring(gens)
         # Only the last position's logits are needed to sample; the whole prompt's only when a row scores its prompt.
         out = self._forward(gens, **inputs, logits_to_keep=0 if scoring else 1)
+        return self._new_rows(gens, inputs, out, scoring)
+
+    def _new_rows(self, gens: list[Sequence], inputs: dict[str, torch.Tensor], out: Any, scoring: bool) -> "_Rows":
+        """The prefilled rows of `gens` (their prompts scored when asked), ready to sample their first token."""
         if scoring:
             self._score_prompts(gens, out.logits)
         return _Rows(rows=list(gens), rngs=[torch.Generator(device=self.device).manual_seed(g.params.seed) for g in gens],
@@ -303,9 +323,11 @@ class BatchingEngine(ModelEngine):
             run.select(keep)
         return tokens
 
-    @staticmethod
-    def _merge(run: "_Rows", tokens: list[int], new: "_Rows", new_tokens: list[int]) -> list[int]:
-        """Append `new`'s rows to `run`: both caches are left-padded to one length (padding masked out)."""
+    def _merge(self, run: "_Rows", tokens: list[int], new: "_Rows", new_tokens: list[int] | None) -> list[int]:
+        """Append `new`'s rows to `run` (their first tokens sampled here when `new_tokens` is None): both caches are
+        left-padded to one length (padding masked out). Returns the tokens of the merged rows."""
+        if new_tokens is None:
+            new_tokens = self._sample(new)
         if not new.rows:
             return tokens
         width = max(run.mask.shape[1], new.mask.shape[1])
