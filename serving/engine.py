@@ -46,11 +46,37 @@ class EngineOptions:
     precision_tolerance: float = DEFAULT_TOLERANCE  # reduced precision may cost at most this much val loss
 
 
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup CPU quota (a container's
+    `--cpus` / a Kubernetes CPU limit: cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`), at least 1. `os.cpu_count()` counts
+    the host's cores, which oversubscribes a container."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (cgroup_root / quota_file).read_text().split()
+            quota = fields[0]
+            period = fields[1] if period_file is None else (cgroup_root / period_file).read_text().strip()
+            if quota not in ("max", "-1"):
+                cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, cpus)
+
+
 def configure_cpu_threads(requested: int) -> int:
-    """torch intra-op threads for CPU inference. By default one core is left to the HTTP event loop: when torch's
-    threads take every core, the loop thread (which holds the GIL while it writes a stream chunk) waits for a core and
-    the worker waits for the GIL; streaming was >10x slower that way on a 2-core machine."""
-    threads = requested or max(1, (os.cpu_count() or 1) - 1)
+    """torch intra-op threads for CPU inference: `requested`, or by default every CPU this process may use
+    (`available_cpus`). Returns the number set.
+
+    Measured on the 2-core bench machine (bench/RESULTS.md), serving GPT-2-medium int8 while the event loop streams:
+    2 threads beat 1 (44 vs 37 tok/s one stream; 85-111 vs 68-82 tok/s with 8 clients), and with a CPU-bound
+    neighbour process both fall alike (14 vs 13 tok/s one stream). Earlier, 2 threads collapsed 7-13x when models were
+    loaded on the main thread (see `off_main_thread`), which is why an older default left one core free. A node that
+    shares its cores with other work should set `serving.cpu_threads` to its share."""
+    threads = requested or available_cpus()
     torch.set_num_threads(threads)
     return threads
 

@@ -182,3 +182,23 @@ def test_inverse_transform_draw_follows_the_distribution_and_never_picks_a_zero(
     # the same seed draws the same token; one certain token is always drawn, also at the end of the vocabulary
     assert draw(probs, torch.Generator().manual_seed(7)) == draw(probs, torch.Generator().manual_seed(7))
     assert all(draw(torch.tensor([0.0, 0.0, 1.0]), torch.Generator().manual_seed(s)) == 2 for s in range(50))
+
+
+def test_available_cpus_honours_a_container_cpu_quota(tmp_path):
+    import os
+
+    from textmill.serving.engine import available_cpus
+
+    mine = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "none") == mine                 # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("50000 100000\n")               # cgroup v2, --cpus=0.5
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")                 # no quota
+    assert available_cpus(tmp_path) == mine
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()                                        # cgroup v1, quota 1.5 CPUs -> rounds up to 2
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == min(2, mine)
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("garbage\n")   # unreadable: ignored
+    assert available_cpus(tmp_path) == mine

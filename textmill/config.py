@@ -199,7 +199,7 @@ class ServingConfig:
     cache_url: str = ""            # '' = node-local dedup cache; redis://host:6379/0 = shared by every node of the fleet
     drain_timeout: float = 30.0
     api_keys: list[str] = field(default_factory=list)
-    cpu_threads: int = 0           # torch intra-op threads on CPU; 0 = all cores but one (left for the HTTP event loop)
+    cpu_threads: int = 0           # torch intra-op threads on CPU; 0 = every CPU the process may use (affinity, quota)
     # Security and limits (docs/serving.md): what one client can hold of a node's memory, sockets and time.
     max_body_bytes: int = 1_048_576  # request body and WebSocket message; one longest allowed prompt (1,024 tokens x 64
                                      # characters) JSON-escaped at 12 bytes a character is 768 KiB, plus the other fields
