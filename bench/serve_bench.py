@@ -11,7 +11,7 @@ entries trained in the bench on synthetic text; `--size tiny` uses the test mode
 (relative validation-loss change versus fp32 on the shipped text sample, see serving/precision.py) is printed too; on
 random weights it only shows that the check runs, not what a trained model loses. Prints one JSON object.
 
-    .venv/bin/python bench/serve_bench.py --quick          # medium, int8 + float32, 1 thread: ~10 min on 2 cores
+    .venv/bin/python bench/serve_bench.py --quick          # medium, int8 + float32, default threads: ~4 min on 2 cores
     .venv/bin/python bench/serve_bench.py [--size medium|tiny] [--export DIR] [--precisions int8,bfloat16,float32]
         [--threads 1,2] [--clients 8] [--requests 1] [--max-tokens 64] [--single-requests 2] [--single-tokens 128]
 """
@@ -245,7 +245,8 @@ def main() -> None:
     p.add_argument("--export", type=Path, help="HF export folder to serve; a medium one is built there when missing "
                    "(default: built in a temp folder)")
     p.add_argument("--precisions", default="int8,bfloat16,float32", help="textmill serving.dtype values to run")
-    p.add_argument("--threads", default="1", help="textmill serving.cpu_threads values to run (comma-separated)")
+    p.add_argument("--threads", default="0", help="textmill serving.cpu_threads values to run (comma-separated; "
+                   "0 = the serving default, every CPU the process may use)")
     p.add_argument("--baseline-threads", type=int, default=1, help="torch threads of the baseline server")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=2, help="requests per client")

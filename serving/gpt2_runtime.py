@@ -29,6 +29,7 @@ from torch import nn
 __all__ = ["GPT2Runtime", "KVCache", "for_serving", "supports"]
 
 _GELU_TANH = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+CAUSAL = torch.ones(())   # the attention-mask value for "causal, nothing padded": sdpa's is_causal path
 
 
 def supports(model: nn.Module) -> bool:
@@ -228,8 +229,9 @@ class GPT2Runtime:
                 q, k, v = part.view(rows, g.new, 3, h, d).permute(2, 0, 3, 1, 4)   # each [B, H, T, D]
                 layer.k[:rows, :, g.past:g.end] = k
                 layer.v[:rows, :, g.past:g.end] = v
+                causal = g.mask is CAUSAL
                 y = F.scaled_dot_product_attention(q, layer.k[:rows, :, :g.end], layer.v[:rows, :, :g.end],
-                                                   attn_mask=g.mask)
+                                                   attn_mask=None if causal else g.mask, is_causal=causal)
                 heads.append(y.transpose(1, 2).reshape(g.batch * g.new, c))
             x = x + attn_proj(heads[0] if len(heads) == 1 else torch.cat(heads)).to(self.dtype)
             m = F.gelu(c_fc(F.layer_norm(x, (c,), w2, b2, self.eps)), approximate="tanh")
@@ -269,11 +271,14 @@ class GPT2Runtime:
                         device: torch.device) -> torch.Tensor | None:
         """Boolean [B, 1, T, past + T] (True = may attend): causal within the new tokens, padding keys hidden. A
         padding query (left padding of a prefill) attends to itself only, so no row is all -inf (its output is
-        never used). None when nothing is masked (one new token, no padding)."""
+        never used). None when nothing is masked (one new token, no padding); CAUSAL for a prefill without padding
+        (sdpa's `is_causal` kernel, no mask tensor)."""
         keys = past + new
         if attention_mask is None or bool(attention_mask.all()):
             if new == 1:
                 return None
+            if past == 0:
+                return CAUSAL
             key_ok = torch.ones((batch, keys), dtype=torch.bool, device=device)
         else:
             key_ok = attention_mask[:, -keys:].bool()
