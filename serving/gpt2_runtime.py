@@ -120,6 +120,17 @@ class KVCache:
             layer.v[:n, :, :end] = layer.v[index, :, :end]
         self.batch = n
 
+    def trim_left(self, positions: int) -> None:
+        """Drop the first `positions` positions of every row (padding no row attends to any more)."""
+        if positions <= 0:
+            return
+        keep = self.length - positions
+        for layer in self.layers:
+            for name in ("k", "v"):
+                buf = getattr(layer, name)
+                buf[:self.batch, :, :keep] = buf[:self.batch, :, positions:self.length].clone()
+        self.length = keep
+
     def merge(self, other: "KVCache", width: int) -> None:
         """Append `other`'s rows below this cache's, both left-padded with zeros to `width` filled positions (the
         attention mask hides the padding; zeros, not stale memory, so that masked values cannot be NaN)."""

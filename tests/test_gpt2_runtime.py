@@ -234,3 +234,39 @@ def test_a_prompt_scored_while_joining_a_running_batch_matches_scoring_it_alone(
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
     finally:
         engine.close()
+
+
+class _Widths(HookedBatchingEngine):
+    widths: list[int]
+
+    def _forward(self, gens, **inputs):
+        self.widths.append(inputs["attention_mask"].shape[1])
+        return super()._forward(gens, **inputs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])   # transformers' DynamicCache / serving.gpt2_runtime.KVCache
+def test_a_batch_that_never_drains_keeps_its_cache_within_the_context(tmp_path, monkeypatch, dtype):
+    """Rows keep joining as others end, for far more steps than the model's context: the positions of rows long gone
+    are dropped, so the cache never grows past the context (it did by one position per step, failing the batch)."""
+    from tests.fixtures.models import make_tiny_export
+
+    export = make_tiny_export(tmp_path / "export", n_ctx=32)
+    engine_class = type("Widths", (_Widths,), {"widths": []})
+    monkeypatch.setitem(ENGINES, "widths", engine_class)
+    engine = Engine(EngineOptions(device="cpu", dtype=dtype, engine="widths", max_batch_size=2))
+    try:
+        assert engine.swap(MODEL, "v1", export, {"files": []})
+        worker = engine.worker(MODEL)
+        engine_class.widths.clear()
+        prompts = [f"Prompt number {i} is" for i in range(8)]
+        params = [SamplingParams(max_tokens=18 + i % 3, seed=i) for i in range(8)]
+        gens = [engine.submit(worker, p, worker.encode(p), sp) for p, sp in zip(prompts, params)]
+        assert all(g.wait(60) for g in gens)
+        assert [g.error for g in gens] == [None] * 8
+        assert len(engine_class.widths) > 40 and max(engine_class.widths) <= 32
+        for p, sp, g in zip(prompts, params, gens):
+            alone = Generation(p, MODEL, "v1", p, worker.encode(p), sp, worker.tokenizer)
+            worker.run_batch([alone])
+            assert alone.text == g.text
+    finally:
+        engine.close()

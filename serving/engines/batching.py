@@ -385,7 +385,24 @@ class _Rows:
     next_pos: torch.Tensor
 
     def select(self, keep: list[int]) -> None:
+        """Keep the rows `keep`, then drop the leading cache positions that are padding for every row left."""
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.rows, self.rngs, self.counts = ([seq[i] for i in keep] for seq in (self.rows, self.rngs, self.counts))
+        self._trim()
+
+    def _trim(self) -> None:
+        """Without this, a batch that never drains (rows keep joining as others end) would keep every position of
+        rows long gone: the cache would grow by one position per step forever, past the model's context. With no row
+        left, everything goes (rows prefilled in the same step then join at their own width)."""
+        live = self.mask.any(dim=0)
+        if live.numel() == 0 or bool(live[0]):
+            return
+        first = int(live.nonzero()[0]) if bool(live.any()) else self.mask.shape[1]
+        self.mask = self.mask[:, first:]
+        if hasattr(self.cache, "trim_left"):   # serving.gpt2_runtime.KVCache
+            self.cache.trim_left(first)
+        else:                                  # transformers' DynamicCache
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
