@@ -85,6 +85,30 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt(3) parameters
 ALLOCATOR_KEEP_BYTES = 32 << 20                # glibc's largest mmap threshold: blocks below it come from the heap
 
 
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim   # glibc's
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the allocator's free memory back to the kernel (glibc `malloc_trim`, every arena).
+    Called after a model version is loaded or freed: with `configure_allocator`'s thresholds the fp32 copy and the
+    quality check's activations would otherwise stay resident (4.7 GB instead of 2.7 GB after loading GPT-2 medium)."""
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def configure_allocator() -> bool:
     """Keep freed activation memory in the process instead of handing it back to the kernel after every op (glibc only;
     False elsewhere, where nothing is changed).
@@ -94,16 +118,11 @@ def configure_allocator() -> bool:
     GPT-2-medium prefill layer stack, and a 20-25 % slower decode step on the bench machine (bench/RESULTS.md). Fixed
     thresholds (32 MiB mmap, 512 MiB trim) turn off glibc's dynamic ones; memory use is then bounded by the peak, as
     before, but stays mapped. Same knobs as `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, set from inside."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
-    kept = mallopt(M_MMAP_THRESHOLD, ALLOCATOR_KEEP_BYTES)
-    return bool(kept) and bool(mallopt(M_TRIM_THRESHOLD, 16 * ALLOCATOR_KEEP_BYTES))
+    kept = libc.mallopt(M_MMAP_THRESHOLD, ALLOCATOR_KEEP_BYTES)
+    return bool(kept) and bool(libc.mallopt(M_TRIM_THRESHOLD, 16 * ALLOCATOR_KEEP_BYTES))
 
 
 def off_main_thread(fn: Any, *args: Any) -> Any:
@@ -201,12 +220,14 @@ class Engine:
         try:
             engine = off_main_thread(load_engine, name, version, folder, manifest, self.opts, self.metrics)
         except LoadError as e:
+            release_memory()
             log.error("model %s: version %s failed to load, keeping %s: %s", name, version,
                       current.version if current else "nothing", e)
             self.failed[name] = f"{version}: {e}"
             if self.metrics is not None:
                 self.metrics.load_failures.labels(name).inc()
             return False
+        release_memory()   # what loading left behind (the fp32 copy, the quality check's activations)
         engine.start()
         with self._lock:
             old, self.live[name] = self.live.get(name), engine

@@ -170,7 +170,9 @@ class BatchingEngine(ModelEngine):
     def _free(self) -> None:
         log.info("model %s version %s unloaded", self.name, self.version)
         self.model = None
-        gc.collect()
+        from textmill.serving.engine import release_memory
+
+        release_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
