@@ -15,7 +15,7 @@ from textmill.serving.engines import ENGINES
 from textmill.serving.generation import Generation
 from textmill.serving.gpt2_runtime import GPT2Runtime, KVCache, for_serving, supports
 from textmill.serving.sampling import SamplingParams
-from tests.fixtures.engines import HookedBatchingEngine
+from tests.fixtures.engines import HookedBatchingEngine, assert_same_text_as_alone
 
 MODEL = "tiny"
 
@@ -181,11 +181,8 @@ def test_a_burst_is_prefilled_within_the_token_budget_with_unchanged_text(tiny_e
         joined = engine_class.prefills[1:]
         assert sum(joined) == len(prompts)
         assert (max(joined) > 1) if grouped else (joined == [1, 1, 1, 1])
-        for p, g in zip(prompts, burst):
-            alone = Generation(p, MODEL, "v1", p, worker.encode(p), SamplingParams(max_tokens=5, seed=2),
-                               worker.tokenizer)
-            worker.run_batch([alone])
-            assert alone.text == g.text
+        assert_same_text_as_alone(worker, MODEL, [(p, SamplingParams(max_tokens=5, seed=2), g)
+                                                  for p, g in zip(prompts, burst)])
     finally:
         engine.close()
 
@@ -264,9 +261,6 @@ def test_a_batch_that_never_drains_keeps_its_cache_within_the_context(tmp_path, 
         assert all(g.wait(60) for g in gens)
         assert [g.error for g in gens] == [None] * 8
         assert len(engine_class.widths) > 40 and max(engine_class.widths) <= 32
-        for p, sp, g in zip(prompts, params, gens):
-            alone = Generation(p, MODEL, "v1", p, worker.encode(p), sp, worker.tokenizer)
-            worker.run_batch([alone])
-            assert alone.text == g.text
+        assert_same_text_as_alone(worker, MODEL, list(zip(prompts, params, gens)))
     finally:
         engine.close()

@@ -11,7 +11,7 @@ from textmill.serving.engine import Engine, EngineOptions, Retired
 from textmill.serving.engines import ENGINES
 from textmill.serving.generation import Generation
 from textmill.serving.sampling import SamplingParams, TextTracker, sample
-from tests.fixtures.engines import HookedBatchingEngine
+from tests.fixtures.engines import HookedBatchingEngine, assert_same_text_as_alone
 
 MODEL = "tiny"
 
@@ -104,11 +104,8 @@ def test_late_arrivals_join_a_running_batch_with_unchanged_text(tiny_export, mon
             assert g.wait(30) and g.tokens == 6
         assert not long.finished  # the short ones did not wait for the long one to end
         assert long.wait(30) and long.finish_reason in ("length", "stop")
-        for p, g in zip(prompts, joined):
-            alone = Generation(p, MODEL, "v1", p, worker.encode(p), SamplingParams(max_tokens=6, seed=2),
-                               worker.tokenizer)
-            worker.run_batch([alone])
-            assert alone.text == g.text
+        assert_same_text_as_alone(worker, MODEL, [(p, SamplingParams(max_tokens=6, seed=2), g)
+                                                  for p, g in zip(prompts, joined)])
     finally:
         engine.close()
 
