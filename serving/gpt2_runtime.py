@@ -14,7 +14,8 @@ which is the reference greedy output is tested against. Logic follows transforme
 `models/gpt2/modeling_gpt2.py` (GPT2Attention/GPT2MLP/GPT2Block) and nanoGPT's `model.py`.
 
 The call signature is the subset of transformers' that `serving.engines.batching` uses, so the engine drives either:
-`runtime(input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0)`.
+`runtime(input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0)`, plus
+`prefill={...}`: a group of arriving sequences prefilled in the same pass as a decode step (`prefills_with_decode`).
 """
 
 from __future__ import annotations
