@@ -75,8 +75,14 @@ def configure_cpu_threads(requested: int) -> int:
     2 threads beat 1 (44 vs 37 tok/s one stream; 85-111 vs 68-82 tok/s with 8 clients), and with a CPU-bound
     neighbour process both fall alike (14 vs 13 tok/s one stream). Earlier, 2 threads collapsed 7-13x when models were
     loaded on the main thread (see `off_main_thread`), which is why an older default left one core free. A node that
-    shares its cores with other work should set `serving.cpu_threads` to its share."""
-    threads = requested or available_cpus()
+    shares its cores with other work should set `serving.cpu_threads` to its share; more than `available_cpus()` is
+    capped there (logged)."""
+    available = available_cpus()
+    threads = requested or available
+    if threads > available:   # 100,000 threads failed thread creation in OpenBLAS and then model loading (segfault)
+        log.warning("serving.cpu_threads=%d is more than the %d CPU(s) this process may use; using %d",
+                    threads, available, available)
+        threads = available
     torch.set_num_threads(threads)
     return threads
 

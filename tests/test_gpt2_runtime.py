@@ -104,10 +104,9 @@ def test_merged_and_selected_rows_decode_as_they_would_alone():
     mask, nxt = mask[1:], nxt[1:]
     mask = torch.cat([mask, torch.ones((1, 1), dtype=torch.long)], dim=1)
     got_b.append(runtime(torch.tensor([[52]]), mask, nxt, past_key_values=cache).logits[0, -1])
-    # int8 rows are bitwise independent of batch-mates; the attention over padded keys is not bit-for-bit the same
-    # computation, so compare to fp32 rounding
+    # bit for bit: int8 rows are independent of batch-mates, padded rows attend over their own positions only
     for got, want in ((got_a, alone(a, 3)[1:]), (got_b, alone(b, 3))):
-        assert len(got) == len(want) and all((g - w).abs().max() < 1e-4 for g, w in zip(got, want))
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_context_overflow_and_unsupported_models_are_refused():
@@ -264,3 +263,30 @@ def test_a_batch_that_never_drains_keeps_its_cache_within_the_context(tmp_path, 
         assert_same_text_as_alone(worker, MODEL, list(zip(prompts, params, gens)))
     finally:
         engine.close()
+
+
+@torch.inference_mode()
+def test_a_row_is_bit_for_bit_the_same_next_to_longer_or_shorter_prompts():
+    """Masked attention over a batch's padded keys differs from the row's own attention in the last bits, and int8's
+    per-token quantization of the next layer turned that into another sampled token for 1 in 94 request pairs."""
+    runtime = GPT2Runtime(precision.quantize_int8(tiny_gpt2(3)))
+
+    def logits_of_first_row(prompts: list[list[int]], steps: int = 20) -> torch.Tensor:
+        ids, mask, pos = left_padded(prompts)
+        out = runtime(ids, mask, pos, logits_to_keep=1)
+        rows, cache, nxt = [out.logits[0, -1]], out.past_key_values, pos[:, -1:] + 1
+        for s in range(steps):
+            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+            tokens = torch.tensor([[(7 * s + 3 * i) % 250 + 1] for i in range(len(prompts))])
+            out = runtime(tokens, mask, nxt, past_key_values=cache)
+            rows.append(out.logits[0, -1])
+            cache, nxt = out.past_key_values, nxt + 1
+        return torch.stack(rows)
+
+    a = [11, 22, 33, 44, 55]
+    alone = logits_of_first_row([a])
+    for other in (1, 5, 12, 40, 70):
+        mates = [[(13 * j + other) % 290 + 1 for j in range(other)], [5] * (other // 2 + 1)]
+        assert torch.equal(logits_of_first_row([a, *mates]), alone), other
+    # no padding at all: one batched call, still the row's own result
+    assert torch.equal(logits_of_first_row([a, [9, 8, 7, 6, 5], [1, 2, 3, 4, 5]]), alone)

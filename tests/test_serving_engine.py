@@ -199,3 +199,16 @@ def test_available_cpus_honours_a_container_cpu_quota(tmp_path):
     assert available_cpus(tmp_path) == min(2, mine)
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("garbage\n")   # unreadable: ignored
     assert available_cpus(tmp_path) == mine
+
+
+def test_more_cpu_threads_than_cpus_is_capped_with_a_warning(caplog):
+    from textmill.serving.engine import available_cpus, configure_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING"):
+            assert configure_cpu_threads(100_000) == available_cpus() == torch.get_num_threads()
+        assert "serving.cpu_threads=100000 is more than" in caplog.text
+        assert configure_cpu_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
