@@ -33,6 +33,7 @@ from textmill import config as tconfig
 from textmill.config import CleanConfig, CorpusConfig, CsvConfig
 from textmill.errors import UserError
 from textmill.storage import atomic_path, is_local, write_json_atomic, write_text_atomic
+from textmill.system import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,10 @@ OVERSUBSCRIBE = 4  # at most this many workers per usable CPU: more only fork pr
 
 
 def worker_count(configured: int) -> int:
-    """`clean.workers` (0 = one per CPU this process may use, not the host's), capped at OVERSUBSCRIBE per CPU: the
+    """`clean.workers` (0 = one per CPU this process may use, not the host's: `textmill.system.available_cpus`), capped at OVERSUBSCRIBE per CPU: the
     pool forks every worker up front, so `clean.workers=100000` (a typo, or a units mix-up) forked until the machine
     stalled. A capped value is logged."""
-    cpus = len(os.sched_getaffinity(0))
+    cpus = available_cpus()
     if configured <= 0:
         return cpus
     if configured > OVERSUBSCRIBE * cpus:

@@ -4,7 +4,6 @@ and the finished-generation cache. It talks to engines only through the contract
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from textmill.serving.generation import Generation, probe_generation
 from textmill.serving.loading import resolve_device
 from textmill.serving.precision import DEFAULT_TOLERANCE
 from textmill.serving.sampling import SamplingParams
+from textmill.system import available_cpus, configure_allocator, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +46,6 @@ class EngineOptions:
     precision_tolerance: float = DEFAULT_TOLERANCE  # reduced precision may cost at most this much val loss
 
 
-def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup CPU quota (a container's
-    `--cpus` / a Kubernetes CPU limit: cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`), at least 1. `os.cpu_count()` counts
-    the host's cores, which oversubscribes a container."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
-        try:
-            fields = (cgroup_root / quota_file).read_text().split()
-            quota = fields[0]
-            period = fields[1] if period_file is None else (cgroup_root / period_file).read_text().strip()
-            if quota not in ("max", "-1"):
-                cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-            break
-        except (OSError, ValueError, IndexError):
-            continue
-    return max(1, cpus)
-
-
 def configure_cpu_threads(requested: int) -> int:
     """torch intra-op threads for CPU inference: `requested`, or by default every CPU this process may use
     (`available_cpus`). Returns the number set.
@@ -85,50 +64,6 @@ def configure_cpu_threads(requested: int) -> int:
         threads = available
     torch.set_num_threads(threads)
     return threads
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt(3) parameters
-ALLOCATOR_KEEP_BYTES = 32 << 20                # glibc's largest mmap threshold: blocks below it come from the heap
-
-
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim   # glibc's
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def release_memory() -> None:
-    """Collect garbage and hand the allocator's free memory back to the kernel (glibc `malloc_trim`, every arena).
-    Called after a model version is loaded or freed: with `configure_allocator`'s thresholds the fp32 copy and the
-    quality check's activations would otherwise stay resident (4.7 GB instead of 2.7 GB after loading GPT-2 medium)."""
-    import gc
-
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def configure_allocator() -> bool:
-    """Keep freed activation memory in the process instead of handing it back to the kernel after every op (glibc only;
-    False elsewhere, where nothing is changed).
-
-    The engine's worker is not the main thread, so glibc serves it from a per-thread arena whose free memory above the
-    trim threshold is returned to the kernel and faulted in again on the next allocation: ~2,400 page faults per
-    GPT-2-medium prefill layer stack, and a 20-25 % slower decode step on the bench machine (bench/RESULTS.md). Fixed
-    thresholds (32 MiB mmap, 512 MiB trim) turn off glibc's dynamic ones; memory use is then bounded by the peak, as
-    before, but stays mapped. Same knobs as `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, set from inside."""
-    libc = _libc()
-    if libc is None:
-        return False
-    kept = libc.mallopt(M_MMAP_THRESHOLD, ALLOCATOR_KEEP_BYTES)
-    return bool(kept) and bool(libc.mallopt(M_TRIM_THRESHOLD, 16 * ALLOCATOR_KEEP_BYTES))
 
 
 def off_main_thread(fn: Any, *args: Any) -> Any:

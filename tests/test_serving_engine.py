@@ -184,7 +184,7 @@ def test_inverse_transform_draw_follows_the_distribution_and_never_picks_a_zero(
 def test_available_cpus_honours_a_container_cpu_quota(tmp_path):
     import os
 
-    from textmill.serving.engine import available_cpus
+    from textmill.system import available_cpus
 
     mine = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path / "none") == mine                 # no cgroup files: the affinity mask
@@ -202,7 +202,8 @@ def test_available_cpus_honours_a_container_cpu_quota(tmp_path):
 
 
 def test_more_cpu_threads_than_cpus_is_capped_with_a_warning(caplog):
-    from textmill.serving.engine import available_cpus, configure_cpu_threads
+    from textmill.serving.engine import configure_cpu_threads
+    from textmill.system import available_cpus
 
     before = torch.get_num_threads()
     try:

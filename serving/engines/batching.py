@@ -27,6 +27,7 @@ from textmill.serving.engines.base import (EngineError, EngineHealth, EngineSpec
                                   QueueFull, Retired, Sequence, TokenStep)
 from textmill.serving.loading import load_model
 from textmill.serving.sampling import sample
+from textmill.system import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ class BatchingEngine(ModelEngine):
     def _free(self) -> None:
         log.info("model %s version %s unloaded", self.name, self.version)
         self.model = None
-        from textmill.serving.engine import release_memory
-
         release_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
