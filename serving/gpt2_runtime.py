@@ -306,9 +306,10 @@ class GPT2Runtime:
         cache.reserve(new)
         if position_ids is None:
             position_ids = torch.arange(past, past + new, device=input_ids.device).expand(batch, new)
-        mask = self._attention_mask(attention_mask, batch, past, new, input_ids.device)
-        return _Group(input_ids, position_ids, batch, new, past, past + new, cache, mask, keep,
-                      self._row_starts(attention_mask, past, new))
+        starts = self._row_starts(attention_mask, past, new)
+        # rows attended one by one need no mask tensor
+        mask = None if starts is not None else self._attention_mask(attention_mask, batch, past, new, input_ids.device)
+        return _Group(input_ids, position_ids, batch, new, past, past + new, cache, mask, keep, starts)
 
     @staticmethod
     def _row_starts(attention_mask: torch.Tensor | None, past: int, new: int) -> list[int] | None:

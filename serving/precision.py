@@ -247,7 +247,8 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
 
     The copy never holds a second fp32 model: for int8 the projections' fp32 weights are shared with `model`, read
     only, while they are quantized (embeddings and norms are copied: a shared embedding would keep the whole
-    memory-mapped safetensors file resident); for a float dtype every parameter is cast on the way into the copy. Loading GPT-2 medium with `auto` peaked at 4.7 GB of RSS when whole fp32 copies were made."""
+    memory-mapped safetensors file resident); for a float dtype every parameter is cast on the way into the copy.
+    Loading GPT-2 medium with `auto` peaked at 4.7 GB of RSS when whole fp32 copies were made."""
     if precision == "float32":
         return model
     if precision in ("int8", "int8_body"):
