@@ -87,7 +87,7 @@ def test_int8_quantizes_every_linear_and_stays_within_tolerance(trained):
     assert not isinstance(model.lm_head, precision.Int8Linear)  # the fp32 model given in is left as it was
 
 
-@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+@pytest.mark.parametrize("kernel", ["native", "fbgemm", "int_mm"])
 def test_int8_rows_do_not_depend_on_their_batch_mates(kernel):
     """Per-token activation quantization + exact int32 accumulation: a row's output is bit-identical alone or batched,
     whatever the other rows hold (an outlier row, a constant row, padding, an all-positive row) — the property
@@ -104,6 +104,82 @@ def test_int8_rows_do_not_depend_on_their_batch_mates(kernel):
     with torch.no_grad():
         per_batch = ao(torch.cat([x, 100 * torch.randn(3, 64)]))
         assert not torch.equal(ao(x[:1])[0], per_batch[0])   # what the per-row mapping exists to prevent
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (1000, 203), (7, 1), (1024, 3072)])
+def test_native_int8_kernel_builds_agree_bitwise_and_match_a_reference(shape):
+    """The C kernel's two builds (AVX-512 VNNI where this CPU has it, portable C) give the same bits, for shapes off
+    the kernel's blocking (k not a multiple of 4 or 16, n not a multiple of 64, 1 to 9 rows), and equal an exact
+    integer reference of the same W8A8 arithmetic computed with torch ops."""
+    from textmill.serving import kernels
+
+    k, n = shape
+    torch.manual_seed(k + n)
+    linear = torch.nn.Linear(k, n)
+    layer = precision.Int8Linear(linear, kernel="native")
+    portable = kernels.int8_kernel(portable=True)
+    weight_int8 = torch.round(linear.weight.detach() / layer.weight_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    packed = portable.pack(weight_int8)
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, k) * torch.rand(rows, 1) * 4
+        x[0, : k // 2] = x[0, : k // 2].abs()   # a row lopsided towards positive values
+        fast = layer(x)
+        assert torch.equal(fast, portable.linear(x, packed, n, layer.weight_scale, layer.weight_sum, layer.bias))
+        lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / 255
+        zero = torch.round(-lo * (1 / scale)).clamp(0, 255)
+        q = (torch.round(x * (1 / scale)) + zero).clamp(0, 255)
+        dot = (q.double() @ weight_int8.double().t() - zero.double() * weight_int8.double().sum(1)).float()
+        torch.testing.assert_close(fast, dot * (scale * layer.weight_scale) + layer.bias, rtol=1e-6, atol=1e-5)
+        reference = linear(x).detach()   # and it is the same linear map, to int8 accuracy (k = 7 averages no noise)
+        assert ((fast - reference).norm(dim=1) <= (0.02 if k >= 64 else 0.06) * reference.norm(dim=1)).all()
+    assert layer(torch.empty(0, k)).shape == (0, n)
+    assert layer(torch.randn(2, 3, k)).shape == (2, 3, n)
+
+
+def test_native_int8_kernel_falls_back_without_a_compiler(tmp_path, monkeypatch, caplog):
+    """No C compiler: `Int8Linear` still works (fbgemm or torch._int_mm), with one warning naming the cause; the
+    compiled library is cached on disk and a second build reuses it."""
+    from textmill.serving import kernels
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    built = kernels.build(kernels.SOURCE, ["-DTM_PORTABLE"])
+    assert built.parent == tmp_path / "cache" / "textmill" / "kernels" and built.stat().st_size > 0
+    mtime = built.stat().st_mtime_ns
+    assert kernels.build(kernels.SOURCE, ["-DTM_PORTABLE"]) == built and built.stat().st_mtime_ns == mtime
+    assert [p.name for p in built.parent.iterdir()] == [built.name]   # no temp files left behind
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(kernels.KernelBuildError, match="cannot run the C compiler"):
+        kernels.build(kernels.SOURCE, ["-DTM_PORTABLE", "-DTM_OTHER"])
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: internal error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.raises(kernels.KernelBuildError, match="internal error"):
+        kernels.build(kernels.SOURCE, ["-DTM_PORTABLE", "-DTM_OTHER"])
+    kernels.fast_int8_kernel.cache_clear()
+    kernels.int8_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="textmill.serving.kernels"):
+            layer = precision.Int8Linear(torch.nn.Linear(16, 8))
+            precision.Int8Linear(torch.nn.Linear(16, 8))
+        assert layer.kernel in ("fbgemm", "int_mm")
+        assert layer(torch.randn(2, 16)).shape == (2, 8)
+        if kernels.has_vnni():
+            assert len([r for r in caplog.records if "native int8 kernel is unavailable" in r.message]) == 1
+    finally:
+        kernels.fast_int8_kernel.cache_clear()
+        kernels.int8_kernel.cache_clear()
+
+
+def test_native_int8_kernel_is_the_default_on_a_vnni_cpu():
+    from textmill.serving import kernels
+
+    layer = precision.Int8Linear(torch.nn.Linear(16, 8))
+    assert layer.kernel == ("native" if kernels.has_vnni() else "fbgemm")
+    assert kernels.has_vnni(frozenset(kernels.VNNI_FLAGS)) or not kernels.platform.machine().startswith("x86")
+    assert not kernels.has_vnni(frozenset({"avx512f", "avx2"}))
 
 
 def test_int8_rejects_an_unknown_kernel():
