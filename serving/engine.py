@@ -63,6 +63,9 @@ def configure_cpu_threads(requested: int) -> int:
                     threads, available, available)
         threads = available
     torch.set_num_threads(threads)
+    from .kernels import set_threads
+
+    set_threads(threads)   # the native int8/attention kernels' own pool
     return threads
 
 

@@ -173,6 +173,8 @@ class _Group:
     mask: torch.Tensor | None
     keep: int
     starts: list[int] | None = None   # per row, its first real position, when rows are left-padded differently
+    starts_t: torch.Tensor | None = None   # the same as int64 [B], for the native kernel
+    native: Any = None                # serving.kernels.Int8Kernel whose decode attention this group uses, or None
 
     def attend(self, layer: "_LayerCache", q: torch.Tensor) -> torch.Tensor:
         """Attention of this group's queries `q` [B, H, T, D] over its cache; returns [B, H, T, D].
@@ -183,6 +185,10 @@ class _Group:
         that into a different sampled token (1 in 94 request pairs before this). Rows without padding are one
         batched call, which sdpa computes row by row anyway."""
         rows, end = self.batch, self.end
+        if self.new == 1 and self.native is not None and (self.starts is not None or self.mask is None):
+            out = self.native.decode_attention(q, layer.k[:rows, :, :end], layer.v[:rows, :, :end], self.starts_t)
+            if out is not None:   # one call for every row and head, each over its own positions
+                return out
         if self.starts is None and self.new == 1 and self.mask is None:   # decode, no padding: same math as a row
             return _decode_attention(q, layer.k[:rows, :, :end], layer.v[:rows, :, :end])
         if self.starts is None:
@@ -207,6 +213,12 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     return torch.matmul(torch.softmax(scores, dim=-1), values)
 
 
+def _direct(module: nn.Module) -> Any:
+    """`module`'s forward without nn.Module.__call__ (no hooks are used here): `Int8Linear.direct()` where it has one."""
+    direct = getattr(module, "direct", None)
+    return direct() if callable(direct) else module.forward
+
+
 class GPT2Runtime:
     """Serve-time forward pass over the modules of a transformers GPT-2 LM (see the module docstring).
 
@@ -217,7 +229,10 @@ class GPT2Runtime:
 
     prefills_with_decode = True   # __call__ takes a `prefill` group beside a decode step (serving.engines.batching)
 
-    def __init__(self, model: nn.Module, *, headroom: int = 64) -> None:
+    def __init__(self, model: nn.Module, *, headroom: int = 64, attention_kernel: Any = "auto") -> None:
+        """`attention_kernel`: a `serving.kernels.Int8Kernel` whose `decode_attention` runs decode steps (fp32
+        activations only), None for torch's ops, "auto" for the native VNNI build where this machine has it: one
+        call per layer instead of three torch ops, which cost more in dispatch than in arithmetic at batch 1."""
         if not supports(model):
             raise ValueError("GPT2Runtime runs plain GPT-2 models only")
         from transformers.pytorch_utils import Conv1D
@@ -227,17 +242,35 @@ class GPT2Runtime:
         self.model, self.config = model, model.config
         t = model.transformer
         self.wte, self.wpe, self.ln_f, self.lm_head = t.wte.weight, t.wpe.weight, t.ln_f, model.lm_head
+        self._lm_head = _direct(model.lm_head)
         self.n_head = int(model.config.n_head)
         self.head_dim = int(model.config.n_embd) // self.n_head
         self.eps = float(model.config.layer_norm_epsilon)
         self.n_ctx = int(model.config.n_positions)
         self.headroom = headroom
-        self.blocks = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn, b.attn.c_proj, b.ln_2.weight, b.ln_2.bias,
-                        b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
+        self.blocks = [(b.ln_1.weight, b.ln_1.bias, _direct(b.attn.c_attn), _direct(b.attn.c_proj), b.ln_2.weight,
+                        b.ln_2.bias, _direct(b.mlp.c_fc), _direct(b.mlp.c_proj)) for b in t.h]
         self.dtype = t.ln_f.weight.dtype     # activations between the projections
+        if attention_kernel == "auto":
+            from textmill.serving.kernels import fast_int8_kernel
+
+            attention_kernel = fast_int8_kernel() if t.ln_f.weight.device.type == "cpu" else None
+        self.attention_kernel = attention_kernel if self.dtype == torch.float32 else None
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.model.parameters()
+
+    def prepare_thread(self) -> None:
+        """Called once by the engine on the thread that will run this model. With the native kernels (an int8 model
+        on a VNNI CPU), that thread's torch ops run inline: the kernels (97 projections and 24 attentions of a
+        GPT-2-medium step) have their own thread pool, and torch's OpenMP helpers spinning beside it cost a decode
+        step 31-33 ms instead of 18 on the 2-core bench VM (bench/RESULTS.md)."""
+        from textmill.serving.kernels import kernel_threads, run_torch_inline
+
+        native = any(getattr(m, "kernel", None) == "native" for m in self.model.modules())
+        if native or self.attention_kernel is not None:
+            kernel_threads()   # fixed from torch's count before this thread's count drops to 1
+            run_torch_inline()
 
     def eval(self) -> "GPT2Runtime":
         return self
@@ -285,7 +318,7 @@ class GPT2Runtime:
             part = part.view(g.batch, g.new, c)
             kept.append(part[:, -g.keep:] if g.keep else part)
         # the output projection once for every group's kept positions
-        logits = self.lm_head(self.ln_f(torch.cat([k.reshape(-1, c) for k in kept]))).float()
+        logits = self._lm_head(self.ln_f(torch.cat([k.reshape(-1, c) for k in kept]))).float()
         outputs = [RuntimeOutput(logits=part.view(k.shape[0], k.shape[1], -1), past_key_values=g.cache)
                    for g, k, part in zip(groups, kept, logits.split([k.shape[0] * k.shape[1] for k in kept]))]
         if prefill is not None:
@@ -309,7 +342,9 @@ class GPT2Runtime:
         starts = self._row_starts(attention_mask, past, new)
         # rows attended one by one need no mask tensor
         mask = None if starts is not None else self._attention_mask(attention_mask, batch, past, new, input_ids.device)
-        return _Group(input_ids, position_ids, batch, new, past, past + new, cache, mask, keep, starts)
+        starts_t = torch.tensor(starts, dtype=torch.int64) if starts is not None and self.attention_kernel else None
+        return _Group(input_ids, position_ids, batch, new, past, past + new, cache, mask, keep, starts, starts_t,
+                      self.attention_kernel)
 
     @staticmethod
     def _row_starts(attention_mask: torch.Tensor | None, past: int, new: int) -> list[int] | None:

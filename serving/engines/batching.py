@@ -162,6 +162,9 @@ class BatchingEngine(ModelEngine):
         return taken
 
     def _run(self) -> None:
+        prepare = getattr(self.model, "prepare_thread", None)   # e.g. GPT2Runtime: torch ops inline on this thread
+        if prepare is not None:
+            prepare()
         while not self._stopping or self._pending:
             batch = self._take_waiting(self.max_batch_size, block=True)
             if batch:
