@@ -236,29 +236,20 @@ class Int8Linear(nn.Module):
 
     def direct(self) -> Any:
         """The forward function without nn.Module's call machinery (hooks, attribute lookups through `_buffers`):
-        `serving.gpt2_runtime` calls 97 projections per GPT-2-medium step, where those cost ~1 ms."""
+        `serving.gpt2_runtime` calls 97 projections per GPT-2-medium step, where those cost ~1 ms. It holds this
+        module's current buffers: build it after the module's last copy or move."""
         if self.kernel != "native":
             return self.forward
         kernel, k, n = self._native, self.in_features, self.out_features
-        weights = (self.weight_packed, self.weight_scale, self.weight_sum, self.bias)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if x.dtype != torch.float32:
-                x = x.float()
-            rows = x.reshape(-1, k)
-            y = kernel.linear(rows if rows.is_contiguous() else rows.contiguous(), weights[0], n, *weights[1:])
-            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
-
-        return forward
+        packed, scale, row_sum, bias = self.weight_packed, self.weight_scale, self.weight_sum, self.bias
+        return lambda x: _native_linear(kernel, x, k, n, packed, scale, row_sum, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            return _native_linear(self._native, x, self.in_features, self.out_features, self.weight_packed,
+                                  self.weight_scale, self.weight_sum, self.bias)
         if x.dtype != torch.float32:
             x = x.float()
-        if self.kernel == "native":
-            rows = x.reshape(-1, self.in_features)
-            y = self._native.linear(rows if rows.is_contiguous() else rows.contiguous(), self.weight_packed,
-                                    self.out_features, self.weight_scale, self.weight_sum, self.bias)
-            return y.reshape(*x.shape[:-1], self.out_features)
         if self.kernel == "fbgemm":
             low, high = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)   # 2x faster than aminmax
             span = (high - low).clamp_min_(1e-30)
@@ -274,6 +265,16 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         kernel = f"native {self._native.isa}" if self.kernel == "native" else self.kernel
         return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 per-token ({kernel})"
+
+
+def _native_linear(kernel: Any, x: torch.Tensor, k: int, n: int, packed: torch.Tensor, scale: torch.Tensor,
+                   row_sum: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`Int8Linear` on the native kernel: x [..., k] (any float dtype) -> [..., n] fp32."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    rows = x.reshape(-1, k)
+    y = kernel.linear(rows if rows.is_contiguous() else rows.contiguous(), packed, n, scale, row_sum, bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def quantize_int8(model: nn.Module, *, lm_head: bool = True) -> nn.Module:

@@ -186,6 +186,16 @@ def test_serving_images_follow_the_node_contract(name):
     assert torch_index.group(2) == pinned
 
 
+def test_cpu_image_can_build_the_native_kernels_and_serves_the_fast_precision():
+    """serving/kernels compiles its C source on the node: the CPU image carries a C compiler and the C library's
+    headers (and libmvec), and leaves serving.dtype at auto so the int8 path is what a node runs."""
+    steps = dockerfile("Dockerfile.serve-cpu")
+    run_text = " ".join(a for i, a in steps if i == "RUN")
+    assert re.search(r"apt-get install -y --no-install-recommends [^&]*\bgcc\b[^&]*\blibc6-dev\b", run_text)
+    env = " ".join(a for i, a in steps if i == "ENV")
+    assert "TEXTMILL_DTYPE=auto" in env
+
+
 def test_cuda_image_names_the_pascal_build_and_k80():
     text = (DEPLOY / "docker" / "Dockerfile.serve-cuda").read_text()
     assert "ARG TORCH_CUDA=cu126" in text and "P100" in text and "K80" in text

@@ -1,0 +1,148 @@
+"""textmill's native CPU kernels (serving/kernels): decode attention against torch's, the thread pool under concurrent
+callers and after fork, the huge-page arena, and the per-thread torch setting the engine applies. Both builds of the C
+file are exercised where the CPU has VNNI; the portable build everywhere."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+from textmill.serving import kernels
+
+BUILDS = ["portable", "native"]
+
+
+def build(name: str) -> kernels.Int8Kernel:
+    """The portable build, or the fast one where this CPU has VNNI (else the portable one again: never skipped)."""
+    return kernels.int8_kernel(portable=name == "portable" or not kernels.has_vnni())
+
+
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over positions [start, L) of one row: q [H, 1, D], keys/values [H, L, D]."""
+    scores = (q.double() @ keys[:, start:].double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return (torch.softmax(scores, dim=-1) @ values[:, start:].double()).float()
+
+
+@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("length", [1, 17, 90, 300])
+def test_decode_attention_matches_torch_row_by_row(name, length):
+    """One query per row over the row's own positions of a strided cache (capacity beyond the filled part, q a view
+    of a fused QKV row as GPT2Runtime passes it), rows left-padded by different amounts; each row equals its own
+    reference and is bit-identical to the same row computed alone."""
+    kernel = build(name)
+    torch.manual_seed(length)
+    batch, heads, dim, capacity = 3, 4, 64, length + 13
+    cache_k, cache_v = torch.randn(batch + 1, heads, capacity, dim), torch.randn(batch + 1, heads, capacity, dim)
+    qkv = torch.randn(batch, 3 * heads * dim) * 3
+    q = qkv.view(batch, 1, 3, heads, dim).permute(2, 0, 3, 1, 4)[0]   # [B, H, 1, D], strided
+    starts = torch.tensor([0, length // 2, length - 1], dtype=torch.int64)
+    keys, values = cache_k[:batch, :, :length], cache_v[:batch, :, :length]
+    out = kernel.decode_attention(q, keys, values, starts)
+    assert out.shape == (batch, heads, 1, dim) and out.dtype == torch.float32
+    for row, start in enumerate(starts.tolist()):
+        torch.testing.assert_close(out[row], reference_attention(q[row], keys[row], values[row], start),
+                                   rtol=1e-5, atol=1e-5)
+        # the same row alone, its real positions moved to the front of its own cache: same bits
+        alone_k = cache_k[row:row + 1, :, start:length].contiguous()
+        alone_v = cache_v[row:row + 1, :, start:length].contiguous()
+        alone = kernel.decode_attention(q[row:row + 1], alone_k, alone_v, None)
+        assert torch.equal(alone[0], out[row])
+    assert kernel.decode_attention(q, cache_k[:batch, :, :1].expand(-1, -1, kernel.max_positions + 1, -1),
+                                   cache_v[:batch, :, :1].expand(-1, -1, kernel.max_positions + 1, -1),
+                                   None) is None   # beyond the kernel's stack buffer: the caller uses torch's
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_int8_linear_gives_the_same_bits_with_any_thread_count_and_concurrent_callers(name):
+    """Chunks are claimed dynamically by however many threads turn up; every output block is computed the same way
+    whoever runs it, so 1, 2 or 4 threads, and two callers at once (the second runs inline), give identical bits."""
+    kernel = build(name)
+    torch.manual_seed(0)
+    weights = []
+    for k, n in ((256, 640), (640, 200)):
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        weights.append((kernel.pack(w), n, torch.rand(n) / 100, w.sum(1, dtype=torch.int32), torch.randn(n)))
+    xs = [torch.randn(9, 256), torch.randn(5, 640)]
+    expected = [kernel.linear(x, p, n, s, ws, b, threads=1) for x, (p, n, s, ws, b) in zip(xs, weights)]
+    for threads in (2, 4):
+        assert all(torch.equal(kernel.linear(x, p, n, s, ws, b, threads=threads), e)
+                   for x, (p, n, s, ws, b), e in zip(xs, weights, expected))
+    failures: list[str] = []
+
+    def caller(i: int) -> None:
+        x, (p, n, s, ws, b) = xs[i], weights[i]
+        for _ in range(200):
+            if not torch.equal(kernel.linear(x, p, n, s, ws, b, threads=2), expected[i]):
+                failures.append(f"caller {i}")
+                return
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def _linear_in_child(queue) -> None:   # module level: multiprocessing pickles it by name
+    kernel = kernels.int8_kernel(portable=not kernels.has_vnni())
+    torch.manual_seed(1)
+    w = torch.randint(-127, 128, (300, 96), dtype=torch.int8)
+    x = torch.randn(3, 96)
+    y = kernel.linear(x, kernel.pack(w), 300, torch.ones(300), w.sum(1, dtype=torch.int32), torch.zeros(300),
+                      threads=2)
+    queue.put(y.tolist())   # plain data: a tensor would travel as a shared-memory handle that dies with the child
+
+
+def test_the_pool_works_in_a_forked_child():
+    """The parent's pool helpers do not exist in a fork child: the child starts its own instead of waiting for them
+    forever (the ticket protocol would hang on helpers that are not there)."""
+    kernel = kernels.int8_kernel(portable=not kernels.has_vnni())
+    torch.manual_seed(1)
+    w = torch.randint(-127, 128, (300, 96), dtype=torch.int8)
+    x = torch.randn(3, 96)
+    expected = kernel.linear(x, kernel.pack(w), 300, torch.ones(300), w.sum(1, dtype=torch.int32), torch.zeros(300),
+                             threads=2)   # the parent's pool is running now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_linear_in_child, args=(queue,))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(30)
+    assert child.exitcode == 0 and torch.equal(torch.tensor(got), expected)
+
+
+def test_huge_page_arena_hands_out_aligned_disjoint_buffers():
+    arena = kernels.HugePageArena(chunk=4 << 20)
+    small = [arena.empty(n) for n in (1, 100, 4096, 70_000)]
+    big = arena.empty(3 << 20)   # more than a quarter chunk: its own mapping
+    for i, t in enumerate(small + [big]):
+        assert t.dtype == torch.int8 and t.data_ptr() % 64 == 0
+        t.fill_(i)
+    assert [int(t[0]) for t in small + [big]] == list(range(len(small) + 1))   # nothing overlapped
+    assert all(int(t[-1]) == i for i, t in enumerate(small + [big]))
+    more = [arena.empty(1 << 20) for _ in range(5)]   # the first chunk fills up: a second one is mapped
+    assert len({t.data_ptr() for t in more}) == 5
+
+
+def test_run_torch_inline_changes_only_the_calling_thread():
+    """The engine's batcher thread of a native-kernel model runs torch's ops inline; other threads (the main one,
+    another model's worker) keep their thread count, and the kernels keep theirs."""
+    before = torch.get_num_threads()
+    kernel_threads = kernels.kernel_threads()
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        seen["changed"] = kernels.run_torch_inline()
+        seen["threads"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["changed"] and seen["threads"] == 1
+    assert torch.get_num_threads() == before and kernels.kernel_threads() == kernel_threads
