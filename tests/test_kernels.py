@@ -88,24 +88,34 @@ def test_int8_linear_gives_the_same_bits_with_any_thread_count_and_concurrent_ca
 
 
 def _linear_in_child(queue) -> None:   # module level: multiprocessing pickles it by name
+    import time
+
     kernel = kernels.int8_kernel(portable=not kernels.has_vnni())
     torch.manual_seed(1)
     w = torch.randint(-127, 128, (300, 96), dtype=torch.int8)
     x = torch.randn(3, 96)
-    y = kernel.linear(x, kernel.pack(w), 300, torch.ones(300), w.sum(1, dtype=torch.int32), torch.zeros(300),
-                      threads=2)
-    queue.put(y.tolist())   # plain data: a tensor would travel as a shared-memory handle that dies with the child
+    results = []
+    for _ in range(4):   # the child's helper goes to sleep between calls: waking it must not wait on the parent's
+        y = kernel.linear(x, kernel.pack(w), 300, torch.ones(300), w.sum(1, dtype=torch.int32), torch.zeros(300),
+                          threads=2)
+        results.append(y.tolist())   # plain data: a tensor would travel as a shared-memory handle that dies with it
+        time.sleep(0.005)
+    queue.put(results)
 
 
 def test_the_pool_works_in_a_forked_child():
-    """The parent's pool helpers do not exist in a fork child: the child starts its own instead of waiting for them
-    forever (the ticket protocol would hang on helpers that are not there)."""
+    """The parent's pool helpers do not exist in a fork child, and the copied condition variable still counted the
+    parent's sleeping helper as a waiter: the child's second call hung in pthread_cond_broadcast (hostile review).
+    The child resets the pool (pthread_atfork) and starts its own helpers."""
+    import time
+
     kernel = kernels.int8_kernel(portable=not kernels.has_vnni())
     torch.manual_seed(1)
     w = torch.randint(-127, 128, (300, 96), dtype=torch.int8)
     x = torch.randn(3, 96)
     expected = kernel.linear(x, kernel.pack(w), 300, torch.ones(300), w.sum(1, dtype=torch.int32), torch.zeros(300),
                              threads=2)   # the parent's pool is running now
+    time.sleep(0.01)   # ... and its helper asleep on the condition variable when the child is forked
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_linear_in_child, args=(queue,))
@@ -114,7 +124,54 @@ def test_the_pool_works_in_a_forked_child():
         got = queue.get(timeout=60)
     finally:
         child.join(30)
-    assert child.exitcode == 0 and torch.equal(torch.tensor(got), expected)
+    assert child.exitcode == 0 and all(torch.equal(torch.tensor(y), expected) for y in got) and len(got) == 4
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_decode_attention_rejects_starts_outside_the_cache(name):
+    """Out-of-range starts wrote before the kernel's stack buffer (a segfault at -200,000): refused with a clear
+    error, as are starts of the wrong dtype or shape."""
+    kernel = build(name)
+    q, keys = torch.randn(2, 4, 1, 64), torch.randn(2, 4, 10, 64)
+    for bad in ([-3, 0], [0, 10], [-200_000, 0]):
+        with pytest.raises(ValueError, match=r"\[0, 10\)"):
+            kernel.decode_attention(q, keys, keys, torch.tensor(bad))
+    for bad in (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1, 2]), torch.tensor([[0], [1]])):
+        with pytest.raises(ValueError, match="int64 tensor of shape"):
+            kernel.decode_attention(q, keys, keys, bad)
+
+
+def test_int8_builds_agree_on_extreme_rows_and_keep_other_rows_intact():
+    """Rows near float32's limits (range overflowing to inf, subnormal ranges) and rows holding inf or NaN: both
+    builds give the same bits (their conversions used to differ there), and no such row changes another row."""
+    vnni, portable = build("native"), build("portable")
+    torch.manual_seed(3)
+    k, n = 80, 70
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    args = (n, torch.rand(n) / 100, w.sum(1, dtype=torch.int32), torch.randn(n))
+    normal = torch.randn(2, k)
+    odd = torch.randn(6, k)
+    odd[0, :3] = torch.tensor([2e38, -2e38, 1e38])
+    odd[1] = torch.randn(k) * 1e-39
+    odd[2] = torch.randn(k) * 1e-37
+    odd[3, 5] = float("inf")
+    odd[4, 7] = float("nan")
+    odd[5] = float("-inf")
+    x = torch.cat([normal[:1], odd, normal[1:]])
+    fast, slow = vnni.linear(x, vnni.pack(w), *args), portable.linear(x, portable.pack(w), *args)
+    assert torch.equal(fast.nan_to_num(), slow.nan_to_num()) and torch.equal(fast.isnan(), slow.isnan())
+    alone = vnni.linear(normal, vnni.pack(w), *args)
+    assert torch.equal(fast[0], alone[0]) and torch.equal(fast[-1], alone[1])
+
+
+def test_a_compiler_that_writes_nothing_does_not_poison_the_cache(tmp_path, monkeypatch):
+    from textmill.serving import kernels as k
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/true")
+    with pytest.raises(k.KernelBuildError, match="wrote no library"):
+        k.build(k.SOURCE, ["-DTM_PORTABLE"])
+    assert list((tmp_path / "textmill" / "kernels").iterdir()) == []
 
 
 def test_huge_page_arena_hands_out_aligned_disjoint_buffers():

@@ -103,6 +103,8 @@ def build(source: Path, flags: list[str], libs: tuple[str, ...] = ("-lm",), *, t
                               text=True, timeout=timeout_s)
         if done.returncode != 0:
             raise KernelBuildError(f"compiling {source.name} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+        if os.path.getsize(tmp) == 0:   # a "compiler" that exits 0 without output must not poison the cache
+            raise KernelBuildError(f"{cc} wrote no library for {source.name}")
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"compiling {source.name} failed: {e}") from e
@@ -248,11 +250,15 @@ class Int8Kernel:
         end = keys.shape[2]
         if end > self.max_positions or keys.stride() != values.stride() or keys.stride(3) != 1 or q.stride(3) != 1:
             return None
+        if starts is not None and (starts.dtype != torch.int64 or starts.shape != (b,) or not starts.is_contiguous()):
+            raise ValueError(f"starts must be a contiguous int64 tensor of shape ({b},)")
         out = torch.empty(b, h, 1, d)
         rc = self.lib.tm_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(),
                                           keys.stride(0), keys.stride(1), keys.stride(2),
                                           None if starts is None else starts.data_ptr(), b, h, end, d, d ** -0.5,
                                           out.data_ptr(), threads or kernel_threads())
+        if rc == -2:
+            raise ValueError(f"every start must lie in [0, {end}): {starts.tolist()}")
         return out if rc == 0 else None
 
 
@@ -262,7 +268,12 @@ def int8_kernel(portable: bool = False) -> Int8Kernel:
     forces the portable one). Compiled once per process (and cached on disk). Raises KernelBuildError."""
     vnni = not portable and has_vnni()
     flags, libs = (_VNNI_CFLAGS, tuple(_VNNI_LIBS)) if vnni else (["-DTM_PORTABLE"], ("-lm",))
-    lib = ctypes.CDLL(str(build(SOURCE, flags, libs)))
+    path = build(SOURCE, flags, libs)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:   # a cached file that does not load (truncated, foreign): drop it, the next load rebuilds
+        path.unlink(missing_ok=True)
+        raise KernelBuildError(f"cannot load {path}: {e}") from e
     lib.tm_packed_size.argtypes, lib.tm_packed_size.restype = [_I64, _I64], _I64
     lib.tm_pack_weights.argtypes, lib.tm_pack_weights.restype = [_P, _I64, _I64, _P], None
     lib.tm_int8_linear.argtypes = [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT]

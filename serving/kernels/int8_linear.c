@@ -17,8 +17,9 @@
  * thread, and once more teams exist than CPUs (the serving process's main thread ran one parallel torch op, a second
  * model is loaded, a hot swap is under way) its idle threads stop spinning after ~100 iterations and every parallel
  * region pays a futex wake-up: 50-70 us instead of ~10 us per small op on the 2-core bench VM, ~5 ms per GPT-2-medium
- * decode step over 97 projections and 48 attention products. The pool's helpers spin for up to 2 ms after a job
- * (a decode step's gaps are far shorter), then sleep on a condition variable.
+ * decode step over 97 projections and 48 attention products. The pool's helpers spin for up to 200 us after a job
+ * (the gaps between a decode step's kernels are far shorter), then sleep on a condition variable; work is claimed in
+ * chunks, so a thread kept off its core by another process costs nothing.
  *
  * Also here: decode attention (one query per row over that row's own cache positions), the other per-step op whose
  * dispatch cost outweighed its arithmetic.
@@ -64,6 +65,7 @@ static struct {
     _Atomic(tm_task) fn;           /* the current job (relaxed: published by the ticket's release store) */
     _Atomic(void *) ctx;
     _Atomic int64_t n, chunks;
+    _Atomic int usable;            /* threads the job may use: helpers 1..usable-1 claim chunks, the others skip it */
     _Alignas(64) _Atomic uint64_t ticket;       /* job << 32 | next unclaimed chunk */
     _Alignas(64) _Atomic int64_t done;          /* chunks of the current job finished */
     _Alignas(64) _Atomic int sleepers;          /* helpers blocked on `wake` */
@@ -85,9 +87,15 @@ static inline void cpu_relax(void) {
 
 /* Claim and run chunks of the job the ticket holds until none is left or the job changed; returns the job number
  * seen last. */
-static uint64_t run_chunks(void) {
+static uint64_t run_chunks(int id) {
     uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
     for (;;) {
+        if (id >= atomic_load_explicit(&pool.usable, memory_order_relaxed)) {
+            uint64_t again = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+            if (again == t) return t >> 32;   /* not one of this job's threads (read under an unchanged ticket) */
+            t = again;
+            continue;
+        }
         tm_task fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
         void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
         int64_t n = atomic_load_explicit(&pool.n, memory_order_relaxed);
@@ -104,7 +112,7 @@ static uint64_t run_chunks(void) {
 }
 
 static void *helper_main(void *arg) {
-    (void)arg;
+    int id = (int)(intptr_t)arg;   /* 1..helpers; the caller is 0 */
     uint64_t seen = atomic_load_explicit(&pool.ticket, memory_order_acquire) >> 32;
     for (;;) {
         uint64_t job = atomic_load_explicit(&pool.ticket, memory_order_acquire) >> 32;
@@ -122,14 +130,32 @@ static void *helper_main(void *arg) {
                 }
             }
         }
-        seen = run_chunks();
+        seen = run_chunks(id);
     }
     return NULL;
 }
 
+/* In a fork child the parent's helpers do not exist, but the copied condvar still counts the sleeping ones as
+ * waiters (a broadcast would wait for them for ever) and a mutex may have been copied locked: start afresh. */
+static void reset_in_child(void) {
+    pthread_mutex_t fresh_mutex = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    pool.run = fresh_mutex;
+    pool.sleep = fresh_mutex;
+    pool.wake = fresh_cond;
+    pool.helpers = 0;
+    pool.pid = getpid();
+    atomic_store(&pool.sleepers, 0);
+}
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void register_atfork(void) { pthread_atfork(NULL, NULL, reset_in_child); }
+
 /* Start helpers up to `want` - 1 (caller holds pool.run). Returns how many threads a job can use. */
 static int ensure_helpers(int want) {
-    if (pool.pid != getpid()) {   /* first use, or a fork child: the parent's helpers do not exist here */
+    pthread_once(&atfork_once, register_atfork);
+    if (pool.pid != getpid()) {   /* first use (a fork child was reset by reset_in_child) */
         pool.helpers = 0;
         pool.pid = getpid();
     }
@@ -142,7 +168,7 @@ static int ensure_helpers(int want) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&t, &attr, helper_main, NULL);
+        int rc = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)(pool.helpers + 1));
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
         pool.helpers++;
@@ -170,6 +196,7 @@ void tm_parallel(tm_task fn, void *ctx, int64_t n, int threads) {
     atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
     atomic_store_explicit(&pool.n, n, memory_order_relaxed);
     atomic_store_explicit(&pool.chunks, chunks, memory_order_relaxed);
+    atomic_store_explicit(&pool.usable, usable, memory_order_relaxed);
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     uint64_t job = (atomic_load_explicit(&pool.ticket, memory_order_relaxed) >> 32) + 1;
     /* seq_cst publish, then read `sleepers`; a helper going to sleep increments `sleepers`, then reads the ticket:
@@ -180,7 +207,7 @@ void tm_parallel(tm_task fn, void *ctx, int64_t n, int threads) {
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.sleep);
     }
-    run_chunks();
+    run_chunks(0);
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) cpu_relax();
     pthread_mutex_unlock(&pool.run);
 }
@@ -221,8 +248,8 @@ static void quantize_row(const float *x, int64_t k, int64_t kp, uint8_t *q, floa
     __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
     for (; i + 16 <= k; i += 16) {
         __m512 v = _mm512_loadu_ps(x + i);
-        vlo = _mm512_min_ps(vlo, v);
-        vhi = _mm512_max_ps(vhi, v);
+        vlo = _mm512_min_ps(v, vlo);   /* NaN in v: the second operand, as the scalar loop skips NaN */
+        vhi = _mm512_max_ps(v, vhi);
     }
     lo = _mm512_reduce_min_ps(vlo);
     hi = _mm512_reduce_max_ps(vhi);
@@ -231,24 +258,28 @@ static void quantize_row(const float *x, int64_t k, int64_t kp, uint8_t *q, floa
         lo = x[i] < lo ? x[i] : lo;
         hi = x[i] > hi ? x[i] : hi;
     }
-    float scale = (hi - lo) / 255.0f;
-    if (!(scale > 0.0f) || !isfinite(scale)) scale = 1.0f;   /* all-zero (or non-finite) row */
+    float scale = hi / 255.0f - lo / 255.0f;   /* no overflow for finite rows near FLT_MAX */
+    if (!(scale >= 1.1754944e-38f) || !isfinite(scale)) scale = 1.0f;   /* all-zero, subnormal or non-finite row */
     float inv = 1.0f / scale;
     float zero_f = nearbyintf(-lo * inv);
-    int32_t zero = zero_f < 0.0f ? 0 : zero_f > 255.0f ? 255 : (int32_t)zero_f;
+    int32_t zero = zero_f >= 0.0f ? (zero_f <= 255.0f ? (int32_t)zero_f : 255) : 0;   /* NaN -> 0 */
     i = 0;
 #ifdef TM_VNNI
     __m512 vinv = _mm512_set1_ps(inv);
     __m512i vzero = _mm512_set1_epi32(zero), floor = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+    __m512 low_f = _mm512_set1_ps(-512.0f), high_f = _mm512_set1_ps(512.0f);
     for (; i + 16 <= k; i += 16) {   /* cvtps_epi32 rounds to nearest even, as nearbyintf does */
-        __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)), vzero);
+        __m512 f = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+        f = _mm512_min_ps(_mm512_max_ps(f, low_f), high_f);   /* NaN -> -512, as the scalar loop */
+        __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), vzero);
         v = _mm512_min_epi32(_mm512_max_epi32(v, floor), top);
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(v));
     }
 #endif
     for (; i < k; i++) {
-        float v = nearbyintf(x[i] * inv);
-        int32_t c = (v < -512.0f ? -512 : v > 512.0f ? 512 : (int32_t)v) + zero;
+        float f = x[i] * inv;
+        f = f >= -512.0f ? (f <= 512.0f ? f : 512.0f) : -512.0f;   /* NaN -> -512, as the VNNI loop */
+        int32_t c = (int32_t)nearbyintf(f) + zero;
         q[i] = (uint8_t)(c < 0 ? 0 : c > 255 ? 255 : c);
     }
     for (; i < kp; i++) q[i] = (uint8_t)zero;
@@ -350,6 +381,10 @@ static void linear_blocks(void *ctx, int64_t begin, int64_t end) {
 /* Per calling thread, grown as needed: the quantized rows and their scales (a few MB at most: rows x k bytes). */
 static __thread uint8_t *scratch;
 static __thread size_t scratch_size;
+static pthread_key_t scratch_key;   /* its destructor frees a thread's scratch when the thread exits */
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void make_scratch_key(void) { pthread_key_create(&scratch_key, free); }
 
 /* x [m, k] fp32 row-major, wp from tm_pack_weights, w_scale/bias [n] fp32, w_sum [n] int32 (sum over k of w);
  * y [m, n] fp32 out. Returns 0, or -1 when scratch memory could not be allocated (y untouched). */
@@ -358,10 +393,12 @@ int tm_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *wp, int64
     int64_t kp = (k + 3) / 4 * 4;
     size_t need = (size_t)(m * kp) + (size_t)m * (sizeof(float) + sizeof(int32_t)) + 64;
     if (need > scratch_size) {
+        pthread_once(&scratch_once, make_scratch_key);
         void *grown = realloc(scratch, need);
         if (grown == NULL) return -1;
         scratch = grown;
         scratch_size = need;
+        pthread_setspecific(scratch_key, scratch);
     }
     float *x_scale = (float *)scratch;
     int32_t *x_zero = (int32_t *)(scratch + (size_t)m * sizeof(float));
@@ -459,11 +496,13 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end) {
 /* softmax(q k^T * scale) v for one query per row over the row's positions [starts[row], end) of its cache:
  * q [B, H, D], K/V [rows >= B, H, positions >= end, D] (strided, d contiguous), out [B, H, D] contiguous fp32.
  * Every (row, head) is computed the same way whatever the batch, so a row's result never depends on the others.
- * Returns 0, or -1 when end > TM_MAX_POSITIONS (nothing computed). */
+ * Returns 0, -1 when end > TM_MAX_POSITIONS, -2 when a start is outside [0, end) (nothing computed then). */
 int tm_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, const float *v,
                         int64_t kv_row, int64_t kv_head, int64_t kv_pos, const int64_t *starts, int64_t batch,
                         int64_t heads, int64_t end, int64_t d, float scale, float *out, int threads) {
     if (end > TM_MAX_POSITIONS) return -1;
+    for (int64_t row = 0; starts != NULL && row < batch; row++)
+        if (starts[row] < 0 || starts[row] >= end) return -2;
     attention_job j = {q, k, v, q_row, q_head, kv_row, kv_head, kv_pos, starts, end, heads, d, scale, out};
     tm_parallel(attention_heads, &j, batch * heads, threads);
     return 0;
