@@ -70,7 +70,7 @@ def attention(kernel: kernels.Int8Kernel) -> dict:
             caches = [(torch.randn(batch, 16, length + 24, 64), torch.randn(batch, 16, length + 24, 64))
                       for _ in range(24)]
             q = torch.randn(batch, 16, 1, 64)
-            native = fastest(lambda: [kernel.decode_attention(q, k[:, :, :length], v[:, :, :length], None)
+            native = fastest(lambda: [kernel.attention(q, k[:, :, :length], v[:, :, :length], None)
                                       for k, v in caches])
             reference = fastest(lambda: [torch_attention(q, k[:, :, :length], v[:, :, :length]) for k, v in caches])
             out[f"batch={batch},L={length}"] = {"native_ms_24_layers": round(native * 1e3, 3),

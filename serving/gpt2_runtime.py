@@ -185,9 +185,9 @@ class _Group:
         that into a different sampled token (1 in 94 request pairs before this). Rows without padding are one
         batched call, which sdpa computes row by row anyway."""
         rows, end = self.batch, self.end
-        if self.new == 1 and self.native is not None and (self.starts is not None or self.mask is None):
-            out = self.native.decode_attention(q, layer.k[:rows, :, :end], layer.v[:rows, :, :end], self.starts_t)
-            if out is not None:   # one call for every row and head, each over its own positions
+        if self.native is not None and (self.starts is not None or self.mask is None or self.mask is CAUSAL):
+            out = self.native.attention(q, layer.k[:rows, :, :end], layer.v[:rows, :, :end], self.starts_t)
+            if out is not None:   # one call for every row, head and query, each over its own positions, causal
                 return out
         if self.starts is None and self.new == 1 and self.mask is None:   # decode, no padding: same math as a row
             return _decode_attention(q, layer.k[:rows, :, :end], layer.v[:rows, :, :end])
@@ -230,9 +230,10 @@ class GPT2Runtime:
     prefills_with_decode = True   # __call__ takes a `prefill` group beside a decode step (serving.engines.batching)
 
     def __init__(self, model: nn.Module, *, headroom: int = 64, attention_kernel: Any = "auto") -> None:
-        """`attention_kernel`: a `serving.kernels.Int8Kernel` whose `decode_attention` runs decode steps (fp32
-        activations only), None for torch's ops, "auto" for the native VNNI build where this machine has it: one
-        call per layer instead of three torch ops, which cost more in dispatch than in arithmetic at batch 1."""
+        """`attention_kernel`: a `serving.kernels.Int8Kernel` whose causal `attention` runs decode steps and prefills
+        (fp32 activations only), None for torch's ops, "auto" for the native VNNI build where this machine has it:
+        one call per layer instead of three torch ops (decode) or an sdpa call per left-padded row (prefill), whose
+        dispatch cost more than their arithmetic, and parallel where sdpa ran inline on the engine thread."""
         if not supports(model):
             raise ValueError("GPT2Runtime runs plain GPT-2 models only")
         from transformers.pytorch_utils import Conv1D

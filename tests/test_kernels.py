@@ -40,7 +40,7 @@ def test_decode_attention_matches_torch_row_by_row(name, length):
     q = qkv.view(batch, 1, 3, heads, dim).permute(2, 0, 3, 1, 4)[0]   # [B, H, 1, D], strided
     starts = torch.tensor([0, length // 2, length - 1], dtype=torch.int64)
     keys, values = cache_k[:batch, :, :length], cache_v[:batch, :, :length]
-    out = kernel.decode_attention(q, keys, values, starts)
+    out = kernel.attention(q, keys, values, starts)
     assert out.shape == (batch, heads, 1, dim) and out.dtype == torch.float32
     for row, start in enumerate(starts.tolist()):
         torch.testing.assert_close(out[row], reference_attention(q[row], keys[row], values[row], start),
@@ -48,9 +48,9 @@ def test_decode_attention_matches_torch_row_by_row(name, length):
         # the same row alone, its real positions moved to the front of its own cache: same bits
         alone_k = cache_k[row:row + 1, :, start:length].contiguous()
         alone_v = cache_v[row:row + 1, :, start:length].contiguous()
-        alone = kernel.decode_attention(q[row:row + 1], alone_k, alone_v, None)
+        alone = kernel.attention(q[row:row + 1], alone_k, alone_v, None)
         assert torch.equal(alone[0], out[row])
-    assert kernel.decode_attention(q, cache_k[:batch, :, :1].expand(-1, -1, kernel.max_positions + 1, -1),
+    assert kernel.attention(q, cache_k[:batch, :, :1].expand(-1, -1, kernel.max_positions + 1, -1),
                                    cache_v[:batch, :, :1].expand(-1, -1, kernel.max_positions + 1, -1),
                                    None) is None   # beyond the kernel's stack buffer: the caller uses torch's
 
@@ -128,6 +128,38 @@ def test_the_pool_works_in_a_forked_child():
 
 
 @pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("new", [2, 7])
+def test_causal_attention_over_new_positions_matches_sdpa_row_by_row(name, new):
+    """T new queries per row (a prefill, or a prefill continuing a cache): each attends to its row's real positions
+    up to itself; padding queries give zeros; each row equals sdpa's causal attention on its real positions alone
+    and is bit-identical to the row run alone."""
+    kernel = build(name)
+    torch.manual_seed(new)
+    batch, heads, dim, length = 3, 4, 64, 12
+    cache_k, cache_v = torch.randn(batch, heads, length + 5, dim), torch.randn(batch, heads, length + 5, dim)
+    qkv = torch.randn(batch, new, 3 * heads * dim)
+    q = qkv.view(batch, new, 3, heads, dim).permute(2, 0, 3, 1, 4)[0]   # [B, H, T, D], strided
+    starts = torch.tensor([0, 4, length - 1], dtype=torch.int64)   # row 2: only its last position is real
+    keys, values = cache_k[:, :, :length], cache_v[:, :, :length]
+    out = kernel.attention(q, keys, values, starts)
+    assert out.shape == (batch, heads, new, dim)
+    for row, start in enumerate(starts.tolist()):
+        first = max(0, start - (length - new))   # the first new query that is a real position
+        assert torch.equal(out[row, :, :first], torch.zeros_like(out[row, :, :first]))
+        real_q = q[row:row + 1, :, first:].double()
+        k, v = keys[row:row + 1, :, start:].double(), values[row:row + 1, :, start:].double()
+        # sdpa's is_causal aligns the top-left corner; the new queries are the *last* positions, so mask explicitly
+        n_q, n_k = real_q.shape[2], k.shape[2]
+        allowed = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(real_q, k, v, attn_mask=allowed).float()
+        torch.testing.assert_close(out[row:row + 1, :, first:], expected, rtol=1e-5, atol=1e-5)
+        alone = kernel.attention(q[row:row + 1], keys[row:row + 1, :, start:].contiguous(),
+                                 values[row:row + 1, :, start:].contiguous(), None) if first == 0 else None
+        if alone is not None:
+            assert torch.equal(alone[0], out[row])
+
+
+@pytest.mark.parametrize("name", BUILDS)
 def test_decode_attention_rejects_starts_outside_the_cache(name):
     """Out-of-range starts wrote before the kernel's stack buffer (a segfault at -200,000): refused with a clear
     error, as are starts of the wrong dtype or shape."""
@@ -135,10 +167,10 @@ def test_decode_attention_rejects_starts_outside_the_cache(name):
     q, keys = torch.randn(2, 4, 1, 64), torch.randn(2, 4, 10, 64)
     for bad in ([-3, 0], [0, 10], [-200_000, 0]):
         with pytest.raises(ValueError, match=r"\[0, 10\)"):
-            kernel.decode_attention(q, keys, keys, torch.tensor(bad))
+            kernel.attention(q, keys, keys, torch.tensor(bad))
     for bad in (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1, 2]), torch.tensor([[0], [1]])):
         with pytest.raises(ValueError, match="int64 tensor of shape"):
-            kernel.decode_attention(q, keys, keys, bad)
+            kernel.attention(q, keys, keys, bad)
 
 
 def test_int8_builds_agree_on_extreme_rows_and_keep_other_rows_intact():

@@ -241,24 +241,28 @@ class Int8Kernel:
             raise MemoryError(f"int8 linear: no memory for the quantized input ({m} x {k} bytes)")
         return y
 
-    def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         starts: torch.Tensor | None, threads: int | None = None) -> torch.Tensor | None:
-        """softmax(q kᵀ / sqrt(D)) v, one query per row, row b over its positions [starts[b], L):
-        q [B, H, 1, D], keys/values [B, H, L, D] fp32 views (last dim contiguous, same strides), starts int64 [B] or
-        None (all 0). Returns [B, H, 1, D] fp32, or None when L exceeds the kernel's limit (use torch's)."""
-        b, h, _, d = q.shape
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor | None,
+                  threads: int | None = None) -> torch.Tensor | None:
+        """Causal softmax(q kᵀ / sqrt(D)) v for the T newest positions of each row: q [B, H, T, D] is those
+        positions' queries, keys/values [B, H, L, D] the cache through them (fp32 views, last dim contiguous, same
+        strides); the query at position p of row b attends to [starts[b], p] (starts int64 [B], or None = 0), so left
+        padding is skipped and T = 1 is a decode step. Returns [B, H, T, D] fp32 (zeros for padding queries), or None
+        when L exceeds the kernel's limit (use torch's). ValueError for starts outside [0, L) or of the wrong
+        dtype/shape."""
+        b, h, t, d = q.shape
         end = keys.shape[2]
         if end > self.max_positions or keys.stride() != values.stride() or keys.stride(3) != 1 or q.stride(3) != 1:
             return None
         if starts is not None and (starts.dtype != torch.int64 or starts.shape != (b,) or not starts.is_contiguous()):
             raise ValueError(f"starts must be a contiguous int64 tensor of shape ({b},)")
-        out = torch.empty(b, h, 1, d)
-        rc = self.lib.tm_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(),
-                                          keys.stride(0), keys.stride(1), keys.stride(2),
-                                          None if starts is None else starts.data_ptr(), b, h, end, d, d ** -0.5,
-                                          out.data_ptr(), threads or kernel_threads())
+        out = torch.empty(b, h, t, d)
+        rc = self.lib.tm_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), keys.data_ptr(),
+                                   values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
+                                   None if starts is None else starts.data_ptr(), b, h, t, end, d, d ** -0.5,
+                                   out.data_ptr(), threads or kernel_threads())
         if rc == -2:
-            raise ValueError(f"every start must lie in [0, {end}): {starts.tolist()}")
+            raise ValueError(f"every start must lie in [0, {end}) and 1 <= T <= {end}: starts "
+                             f"{None if starts is None else starts.tolist()}, T = {t}")
         return out if rc == 0 else None
 
 
@@ -279,9 +283,9 @@ def int8_kernel(portable: bool = False) -> Int8Kernel:
     lib.tm_int8_linear.argtypes = [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT]
     lib.tm_int8_linear.restype = _INT
     lib.tm_isa.restype = _INT
-    lib.tm_decode_attention.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64,
-                                        ctypes.c_float, _P, _INT]
-    lib.tm_decode_attention.restype = _INT
+    lib.tm_attention.argtypes = [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64,
+                                 ctypes.c_float, _P, _INT]
+    lib.tm_attention.restype = _INT
     lib.tm_max_positions.restype = _I64
     isa = "avx512-vnni" if lib.tm_isa() == 1 else "portable"
     if vnni and isa != "avx512-vnni":

@@ -410,15 +410,15 @@ int tm_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *wp, int64
     return 0;
 }
 
-/* ------------------------------------------------------------------------------------------- decode attention */
+/* ---------------------------------------------------------------------------------------- causal attention */
 typedef struct {
     const float *q, *k, *v;
-    int64_t q_row, q_head;                 /* strides of q [B, H, D] (d contiguous) */
+    int64_t q_row, q_head, q_tok;          /* strides of q [B, H, T, D] (d contiguous) */
     int64_t kv_row, kv_head, kv_pos;       /* strides of the K and V caches [rows, H, positions, D] */
     const int64_t *starts;                 /* [B]: a row's first real position (NULL: 0) */
-    int64_t end, heads, d;
+    int64_t end, heads, new, d;            /* the T = `new` queries sit at cache positions end - new .. end - 1 */
     float scale;
-    float *out;                            /* [B, H, D] contiguous */
+    float *out;                            /* [B, H, T, D] contiguous */
 } attention_job;
 
 static inline float dot(const float *a, const float *b, int64_t d) {
@@ -443,28 +443,33 @@ __m512 _ZGVeN16v_expf(__m512 x);   /* glibc's libmvec: expf on 16 lanes, the sam
 static void attention_heads(void *ctx, int64_t begin, int64_t end) {
     attention_job *j = ctx;
     float p[TM_MAX_POSITIONS] __attribute__((aligned(64)));
-    for (int64_t t = begin; t < end; t++) {
-        int64_t row = t / j->heads, head = t % j->heads, start = j->starts ? j->starts[row] : 0;
-        const float *q = j->q + row * j->q_row + head * j->q_head;
+    for (int64_t t = begin; t < end; t++) {   /* t = (row * heads + head) * new + token */
+        int64_t token = t % j->new, row = t / j->new / j->heads, head = t / j->new % j->heads;
+        int64_t start = j->starts ? j->starts[row] : 0, stop = j->end - j->new + token + 1;   /* causal */
+        const float *q = j->q + row * j->q_row + head * j->q_head + token * j->q_tok;
         const float *k = j->k + row * j->kv_row + head * j->kv_head;
         const float *v = j->v + row * j->kv_row + head * j->kv_head;
-        float *out = j->out + (row * j->heads + head) * j->d;
+        float *out = j->out + t * j->d;
+        if (stop <= start) {   /* a left-padding query: its output is never used */
+            for (int64_t i = 0; i < j->d; i++) out[i] = 0.0f;
+            continue;
+        }
         float top = -INFINITY, total = 0.0f;
-        for (int64_t l = start; l < j->end; l++) {
+        for (int64_t l = start; l < stop; l++) {
             p[l] = dot(q, k + l * j->kv_pos, j->d) * j->scale;
             top = p[l] > top ? p[l] : top;
         }
         int64_t l = start;
 #ifdef TM_VNNI
         __m512 vtop = _mm512_set1_ps(top), vtotal = _mm512_setzero_ps();
-        for (; l + 16 <= j->end; l += 16) {
+        for (; l + 16 <= stop; l += 16) {
             __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(p + l), vtop));
             _mm512_storeu_ps(p + l, e);
             vtotal = _mm512_add_ps(vtotal, e);
         }
         total = _mm512_reduce_add_ps(vtotal);
 #endif
-        for (; l < j->end; l++) {
+        for (; l < stop; l++) {
             p[l] = expf(p[l] - top);
             total += p[l];
         }
@@ -474,7 +479,7 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end) {
             __m512 acc[8];
             int chunks = (int)(j->d / 16);
             for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
-            for (l = start; l < j->end; l++) {
+            for (l = start; l < stop; l++) {
                 const float *vl = v + l * j->kv_pos;
                 __m512 w = _mm512_set1_ps(p[l]);
                 for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vl + 16 * c), acc[c]);
@@ -485,7 +490,7 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end) {
         }
 #endif
         for (int64_t i = 0; i < j->d; i++) out[i] = 0.0f;
-        for (l = start; l < j->end; l++) {
+        for (l = start; l < stop; l++) {
             const float *vl = v + l * j->kv_pos;
             for (int64_t i = 0; i < j->d; i++) out[i] = fmaf(p[l], vl[i], out[i]);
         }
@@ -493,18 +498,22 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end) {
     }
 }
 
-/* softmax(q k^T * scale) v for one query per row over the row's positions [starts[row], end) of its cache:
- * q [B, H, D], K/V [rows >= B, H, positions >= end, D] (strided, d contiguous), out [B, H, D] contiguous fp32.
- * Every (row, head) is computed the same way whatever the batch, so a row's result never depends on the others.
- * Returns 0, -1 when end > TM_MAX_POSITIONS, -2 when a start is outside [0, end) (nothing computed then). */
-int tm_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, const float *v,
-                        int64_t kv_row, int64_t kv_head, int64_t kv_pos, const int64_t *starts, int64_t batch,
-                        int64_t heads, int64_t end, int64_t d, float scale, float *out, int threads) {
+/* Causal softmax(q k^T * scale) v for the `new` newest positions of each row: the query at cache position p of row b
+ * attends to the row's positions [starts[b], p] (its own left padding excluded); a decode step is new = 1.
+ * q [B, H, new, D], K/V [rows >= B, H, positions >= end, D] (strided, d contiguous), out [B, H, new, D] contiguous
+ * fp32 (zeros for padding queries). Every (row, head, query) is computed the same way whatever the batch, so a row's
+ * result never depends on the others. Returns 0, -1 when end > TM_MAX_POSITIONS, -2 when a start is outside
+ * [0, end) or new is outside [1, end] (nothing computed then). */
+int tm_attention(const float *q, int64_t q_row, int64_t q_head, int64_t q_tok, const float *k, const float *v,
+                 int64_t kv_row, int64_t kv_head, int64_t kv_pos, const int64_t *starts, int64_t batch, int64_t heads,
+                 int64_t new, int64_t end, int64_t d, float scale, float *out, int threads) {
     if (end > TM_MAX_POSITIONS) return -1;
+    if (new < 1 || new > end) return -2;
     for (int64_t row = 0; starts != NULL && row < batch; row++)
         if (starts[row] < 0 || starts[row] >= end) return -2;
-    attention_job j = {q, k, v, q_row, q_head, kv_row, kv_head, kv_pos, starts, end, heads, d, scale, out};
-    tm_parallel(attention_heads, &j, batch * heads, threads);
+    attention_job j = {q, k, v, q_row, q_head, q_tok, kv_row, kv_head, kv_pos, starts, end, heads, new, d, scale,
+                       out};
+    tm_parallel(attention_heads, &j, batch * heads * new, threads);
     return 0;
 }
 
