@@ -146,9 +146,11 @@ def _wait(pred, timeout: float) -> bool:
 
 
 def _start_big_clean(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A clean that is still running when the test signals it: 160,000 documents take ~10 s on 2 cores, and the
+    test acts within ~1 s of the workers starting (40,000 once finished before a SIGINT landed in CI: rc 0)."""
     raw = tmp_path / "raw.jsonl"
     with raw.open("w", encoding="utf-8") as f:
-        for i in range(40_000):
+        for i in range(160_000):
             f.write(json.dumps({"text": f"{TEXT} Variation {i} with words {i * 7} and {i * 13}."}) + "\n")
     out = tmp_path / "out"
     proc = subprocess.Popen(["textmill", "clean", "--raw", str(raw), "--out", str(out), "--set", "clean.workers=2",
