@@ -213,10 +213,17 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     return torch.matmul(torch.softmax(scores, dim=-1), values)
 
 
-def _direct(module: nn.Module) -> Any:
-    """`module`'s forward without nn.Module.__call__ (no hooks are used here): `Int8Linear.direct()` where it has one."""
+def _direct(module: nn.Module, epilogue: str | None = None) -> Any:
+    """`module`'s forward without nn.Module.__call__ (no hooks are used here): `Int8Linear.direct(epilogue)` where it
+    has one. `epilogue` "residual": f(x, r) = r + module(x); "gelu": f(x) = gelu_tanh(module(x))."""
     direct = getattr(module, "direct", None)
-    return direct() if callable(direct) else module.forward
+    if callable(direct):
+        return direct(epilogue)
+    if epilogue == "residual":
+        return lambda x, residual: residual + module.forward(x)
+    if epilogue == "gelu":
+        return lambda x: F.gelu(module.forward(x), approximate="tanh")
+    return module.forward
 
 
 class GPT2Runtime:
@@ -249,8 +256,11 @@ class GPT2Runtime:
         self.eps = float(model.config.layer_norm_epsilon)
         self.n_ctx = int(model.config.n_positions)
         self.headroom = headroom
-        self.blocks = [(b.ln_1.weight, b.ln_1.bias, _direct(b.attn.c_attn), _direct(b.attn.c_proj), b.ln_2.weight,
-                        b.ln_2.bias, _direct(b.mlp.c_fc), _direct(b.mlp.c_proj)) for b in t.h]
+        # the projections after attention and the MLP add their skip connection, the MLP's first one its GELU, in the
+        # native kernel's output pass where the model has it (`Int8Linear.direct`), else with torch's ops
+        self.blocks = [(b.ln_1.weight, b.ln_1.bias, _direct(b.attn.c_attn), _direct(b.attn.c_proj, "residual"),
+                        b.ln_2.weight, b.ln_2.bias, _direct(b.mlp.c_fc, "gelu"), _direct(b.mlp.c_proj, "residual"))
+                       for b in t.h]
         self.dtype = t.ln_f.weight.dtype     # activations between the projections
         if attention_kernel == "auto":
             from textmill.serving.kernels import fast_int8_kernel
@@ -310,9 +320,9 @@ class GPT2Runtime:
                 layer.v[:rows, :, g.past:g.end] = v
                 y = g.attend(layer, q)
                 heads.append(y.transpose(1, 2).reshape(g.batch * g.new, c))
-            x = x + attn_proj(heads[0] if len(heads) == 1 else torch.cat(heads)).to(self.dtype)
-            m = F.gelu(c_fc(F.layer_norm(x, (c,), w2, b2, self.eps)), approximate="tanh")
-            x = x + mlp_proj(m).to(self.dtype)
+            x = attn_proj(heads[0] if len(heads) == 1 else torch.cat(heads), x).to(self.dtype)   # x + proj(...)
+            m = c_fc(F.layer_norm(x, (c,), w2, b2, self.eps))                                    # GELU fused
+            x = mlp_proj(m, x).to(self.dtype)
         kept = []
         for g, part in zip(groups, x.split(sizes)):
             g.cache.length = g.end

@@ -234,14 +234,25 @@ class Int8Linear(nn.Module):
             self.register_buffer("weight_int8", weight_int8)
             self.register_buffer("weight_scale", scale)
 
-    def direct(self) -> Any:
+    def direct(self, epilogue: str | None = None) -> Any:
         """The forward function without nn.Module's call machinery (hooks, attribute lookups through `_buffers`):
         `serving.gpt2_runtime` calls 97 projections per GPT-2-medium step, where those cost ~1 ms. It holds this
-        module's current buffers: build it after the module's last copy or move."""
+        module's current buffers: build it after the module's last copy or move. `epilogue`: None -> f(x);
+        "residual" -> f(x, r) = r + self(x); "gelu" -> f(x) = gelu_tanh(self(x)); fused into the native kernel's
+        output (one pass over the output instead of a torch op each), composed from torch ops for other kernels."""
         if self.kernel != "native":
+            if epilogue == "residual":
+                return lambda x, residual: residual + self.forward(x)
+            if epilogue == "gelu":
+                return lambda x: nn.functional.gelu(self.forward(x), approximate="tanh")
             return self.forward
         kernel, k, n = self._native, self.in_features, self.out_features
         packed, scale, row_sum, bias = self.weight_packed, self.weight_scale, self.weight_sum, self.bias
+        if epilogue == "residual":
+            return lambda x, residual: _native_linear(kernel, x, k, n, packed, scale, row_sum, bias,
+                                                      residual=residual)
+        if epilogue == "gelu":
+            return lambda x: _native_linear(kernel, x, k, n, packed, scale, row_sum, bias, gelu=True)
         return lambda x: _native_linear(kernel, x, k, n, packed, scale, row_sum, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,12 +279,18 @@ class Int8Linear(nn.Module):
 
 
 def _native_linear(kernel: Any, x: torch.Tensor, k: int, n: int, packed: torch.Tensor, scale: torch.Tensor,
-                   row_sum: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`Int8Linear` on the native kernel: x [..., k] (any float dtype) -> [..., n] fp32."""
+                   row_sum: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
+                   gelu: bool = False) -> torch.Tensor:
+    """`Int8Linear` on the native kernel: x [..., k] (any float dtype) -> [..., n] fp32, plus `residual` [..., n]
+    or GELU fused into the output (see `Int8Linear.direct`)."""
     if x.dtype != torch.float32:
         x = x.float()
     rows = x.reshape(-1, k)
-    y = kernel.linear(rows if rows.is_contiguous() else rows.contiguous(), packed, n, scale, row_sum, bias)
+    if residual is not None:
+        residual = residual.reshape(-1, n).float()
+        residual = residual if residual.is_contiguous() else residual.contiguous()
+    y = kernel.linear(rows if rows.is_contiguous() else rows.contiguous(), packed, n, scale, row_sum, bias,
+                      residual=residual, gelu=gelu)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 

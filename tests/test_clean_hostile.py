@@ -153,9 +153,12 @@ def _start_big_clean(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
         for i in range(160_000):
             f.write(json.dumps({"text": f"{TEXT} Variation {i} with words {i * 7} and {i * 13}."}) + "\n")
     out = tmp_path / "out"
+    # SIGINT back to its default in the child: a runner started as a background job (`cmd &` without job control)
+    # ignores it, the child would inherit that, and Python never installs its KeyboardInterrupt handler then
     proc = subprocess.Popen(["textmill", "clean", "--raw", str(raw), "--out", str(out), "--set", "clean.workers=2",
                              "--set", "clean.chunk_size=64"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait(lambda: len(_children(proc.pid)) >= 2 and list(tmp_path.glob(".out.*.tmp")), 60), "no workers started"
     return proc, out
 

@@ -235,3 +235,25 @@ def test_run_torch_inline_changes_only_the_calling_thread():
     t.join()
     assert seen["changed"] and seen["threads"] == 1
     assert torch.get_num_threads() == before and kernels.kernel_threads() == kernel_threads
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_fused_residual_and_gelu_epilogues_match_torch(name):
+    """The skip connection and GELU that GPT2Runtime fuses into the projection's output pass: the residual gives
+    exactly residual + linear (the same float addition), GELU matches torch's tanh approximation to float rounding."""
+    kernel = build(name)
+    torch.manual_seed(5)
+    k, n, m = 96, 130, 5
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    args = (kernel.pack(w), n, torch.rand(n) / 50, w.sum(1, dtype=torch.int32), torch.randn(n))
+    x, residual = torch.randn(m, k), torch.randn(m, n)
+    plain = kernel.linear(x, *args)
+    assert torch.equal(kernel.linear(x, *args, residual=residual), residual + plain)
+    torch.testing.assert_close(kernel.linear(x, *args, gelu=True),
+                               torch.nn.functional.gelu(plain, approximate="tanh"), rtol=2e-6, atol=2e-6)
+    loud = (args[0], n, args[2] * 60, args[3], args[4] * 60)   # outputs of +-100 and more: exp over/underflows
+    torch.testing.assert_close(kernel.linear(x, *loud, gelu=True),
+                               torch.nn.functional.gelu(kernel.linear(x, *loud), approximate="tanh"),
+                               rtol=2e-6, atol=2e-6)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernel.linear(x, *args, residual=residual[:, :-1])

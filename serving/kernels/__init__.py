@@ -231,13 +231,21 @@ class Int8Kernel:
         return out
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, n: int, w_scale: torch.Tensor, w_sum: torch.Tensor,
-               bias: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+               bias: torch.Tensor, threads: int | None = None, residual: torch.Tensor | None = None,
+               gelu: bool = False) -> torch.Tensor:
         """y = W8A8(x) as in the C file's header: x [M, K] fp32 contiguous; w_scale, bias [N] fp32; w_sum [N] int32
-        (row sums of the int8 weight); returns y [M, N] fp32. `threads`: `kernel_threads()` by default."""
+        (row sums of the int8 weight); returns y [M, N] fp32. `threads`: `kernel_threads()` by default. Fused into
+        the output: `residual` [M, N] fp32 contiguous added (y = residual + W x + b, a transformer block's skip
+        connection), or `gelu` (tanh approximation, GPT-2's gelu_new) applied."""
         m, k = x.shape
         y = torch.empty(m, n)
+        if residual is not None and (residual.shape != (m, n) or residual.dtype != torch.float32
+                                     or not residual.is_contiguous()):
+            raise ValueError(f"residual must be a contiguous fp32 tensor of shape ({m}, {n})")
         if m and self.lib.tm_int8_linear(x.data_ptr(), m, k, packed.data_ptr(), n, w_scale.data_ptr(),
-                                         w_sum.data_ptr(), bias.data_ptr(), y.data_ptr(), threads or kernel_threads()):
+                                         w_sum.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                         None if residual is None else residual.data_ptr(), 1 if gelu else 0,
+                                         threads or kernel_threads()):
             raise MemoryError(f"int8 linear: no memory for the quantized input ({m} x {k} bytes)")
         return y
 
@@ -280,7 +288,7 @@ def int8_kernel(portable: bool = False) -> Int8Kernel:
         raise KernelBuildError(f"cannot load {path}: {e}") from e
     lib.tm_packed_size.argtypes, lib.tm_packed_size.restype = [_I64, _I64], _I64
     lib.tm_pack_weights.argtypes, lib.tm_pack_weights.restype = [_P, _I64, _I64, _P], None
-    lib.tm_int8_linear.argtypes = [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT]
+    lib.tm_int8_linear.argtypes = [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _INT, _INT]
     lib.tm_int8_linear.restype = _INT
     lib.tm_isa.restype = _INT
     lib.tm_attention.argtypes = [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64,

@@ -288,9 +288,31 @@ static void quantize_row(const float *x, int64_t k, int64_t kp, uint8_t *q, floa
 }
 
 /* rows (<= TM_MR) x one 64-column block. */
+#ifdef TM_VNNI
+__m512 _ZGVeN16v_expf(__m512 x);   /* glibc's libmvec: expf on 16 lanes, the same < 4 ulp as scalar expf */
+
+/* GELU, tanh approximation (GPT-2's gelu_new): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with
+ * tanh(z) = 1 - 2 / (exp(2z) + 1) (exact at both ends: exp overflows to inf -> 1, underflows to 0 -> -1). */
+static inline __m512 gelu16(__m512 x) {
+    __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                             _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+    __m512 e = _ZGVeN16v_expf(_mm512_add_ps(z, z));
+    __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                             _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+}
+#endif
+
+static inline float gelu1(float x) {
+    float z = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
+    float t = 1.0f - 2.0f / (expf(z + z) + 1.0f);
+    return 0.5f * x * (1.0f + t);
+}
+
+/* The epilogue: y = scale * dot + bias, then + residual[row, col] (act 0, residual given) or GELU (act 1). */
 static inline void tile(int rows, int64_t row0, const uint8_t *q, int64_t kp, const int8_t *wb, int64_t col0,
                         int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias, float *y,
-                        const float *x_scale, const int32_t *x_zero) {
+                        const float *x_scale, const int32_t *x_zero, const float *residual, int act) {
     int64_t kq = kp / 4;
 #ifdef TM_VNNI
     __m512i acc[TM_MR][4];
@@ -321,6 +343,8 @@ static inline void tile(int rows, int64_t row0, const uint8_t *q, int64_t kp, co
             __m512i dot = _mm512_sub_epi32(acc[i][j], _mm512_mullo_epi32(zero, _mm512_maskz_loadu_epi32(m, w_sum + col)));
             __m512 s = _mm512_mul_ps(sx, _mm512_maskz_loadu_ps(m, w_scale + col));
             __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, _mm512_maskz_loadu_ps(m, bias + col));
+            if (residual) out = _mm512_add_ps(_mm512_maskz_loadu_ps(m, residual + row * n + col), out);
+            if (act == 1) out = gelu16(out);
             _mm512_mask_storeu_ps(y + row * n + col, m, out);
         }
     }
@@ -340,7 +364,9 @@ static inline void tile(int rows, int64_t row0, const uint8_t *q, int64_t kp, co
         for (int j = 0; j < TM_NCOL && col0 + j < n; j++) {
             int64_t col = col0 + j;
             int32_t dot = acc[i][j] - x_zero[row] * w_sum[col];
-            y[row * n + col] = fmaf((float)dot, x_scale[row] * w_scale[col], bias[col]);
+            float out = fmaf((float)dot, x_scale[row] * w_scale[col], bias[col]);
+            if (residual) out = residual[row * n + col] + out;
+            y[row * n + col] = act == 1 ? gelu1(out) : out;
         }
     }
 #endif
@@ -355,6 +381,8 @@ typedef struct {
     float *y, *x_scale;
     uint8_t *q;
     int32_t *x_zero;
+    const float *residual;   /* [m, n] added to the output, or NULL */
+    int act;                 /* 0: none, 1: GELU (tanh) */
 } linear_job;
 
 static void quantize_rows(void *ctx, int64_t begin, int64_t end) {
@@ -370,10 +398,10 @@ static void linear_blocks(void *ctx, int64_t begin, int64_t end) {
         for (int64_t r0 = 0; r0 < j->m; r0 += TM_MR) {
             if (j->m - r0 >= TM_MR)   /* constant trip count: the compiler keeps the 16 accumulators in registers */
                 tile(TM_MR, r0, j->q, j->kp, wb, b * TM_NCOL, j->n, j->w_scale, j->w_sum, j->bias, j->y,
-                     j->x_scale, j->x_zero);
+                     j->x_scale, j->x_zero, j->residual, j->act);
             else
                 tile((int)(j->m - r0), r0, j->q, j->kp, wb, b * TM_NCOL, j->n, j->w_scale, j->w_sum, j->bias, j->y,
-                     j->x_scale, j->x_zero);
+                     j->x_scale, j->x_zero, j->residual, j->act);
         }
     }
 }
@@ -387,9 +415,10 @@ static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 static void make_scratch_key(void) { pthread_key_create(&scratch_key, free); }
 
 /* x [m, k] fp32 row-major, wp from tm_pack_weights, w_scale/bias [n] fp32, w_sum [n] int32 (sum over k of w);
- * y [m, n] fp32 out. Returns 0, or -1 when scratch memory could not be allocated (y untouched). */
+ * y [m, n] fp32 out (it may be `residual` itself); residual [m, n] fp32 added to the output, or NULL; act 1 applies
+ * GELU (tanh approximation) to the output. Returns 0, or -1 when scratch memory could not be allocated. */
 int tm_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *wp, int64_t n, const float *w_scale,
-                   const int32_t *w_sum, const float *bias, float *y, int threads) {
+                   const int32_t *w_sum, const float *bias, float *y, const float *residual, int act, int threads) {
     int64_t kp = (k + 3) / 4 * 4;
     size_t need = (size_t)(m * kp) + (size_t)m * (sizeof(float) + sizeof(int32_t)) + 64;
     if (need > scratch_size) {
@@ -403,7 +432,7 @@ int tm_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *wp, int64
     float *x_scale = (float *)scratch;
     int32_t *x_zero = (int32_t *)(scratch + (size_t)m * sizeof(float));
     uint8_t *q = scratch + (size_t)m * (sizeof(float) + sizeof(int32_t));
-    linear_job j = {x, m, k, kp, n, wp, w_scale, bias, w_sum, y, x_scale, q, x_zero};
+    linear_job j = {x, m, k, kp, n, wp, w_scale, bias, w_sum, y, x_scale, q, x_zero, residual, act};
     if (m >= 32) tm_parallel(quantize_rows, &j, m, threads);
     else quantize_rows(&j, 0, m);
     tm_parallel(linear_blocks, &j, (n + TM_NCOL - 1) / TM_NCOL, threads);
@@ -435,10 +464,6 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 }
 
 #define TM_MAX_POSITIONS 8192   /* scores live on the stack (32 KiB); longer caches use torch's attention */
-
-#ifdef TM_VNNI
-__m512 _ZGVeN16v_expf(__m512 x);   /* glibc's libmvec: expf on 16 lanes, the same < 4 ulp as scalar expf */
-#endif
 
 static void attention_heads(void *ctx, int64_t begin, int64_t end) {
     attention_job *j = ctx;
