@@ -41,7 +41,7 @@ def projections() -> dict:
     layers = {"native": [], "fbgemm": []}
     for k, n in SHAPES:
         linear = torch.nn.Linear(k, n)
-        layers["native"].append(Int8Linear(linear, kernel="native", arena=arena).direct())
+        layers["native"].append(Int8Linear(linear, kernel="native", arena=arena).fused())
         layers["fbgemm"].append(Int8Linear(linear, kernel="fbgemm"))
         del linear
     weight_mb = sum(k * n for k, n in SHAPES) / 1e6

@@ -214,11 +214,13 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
 
 
 def _direct(module: nn.Module, epilogue: str | None = None) -> Any:
-    """`module`'s forward without nn.Module.__call__ (no hooks are used here): `Int8Linear.direct(epilogue)` where it
-    has one. `epilogue` "residual": f(x, r) = r + module(x); "gelu": f(x) = gelu_tanh(module(x))."""
-    direct = getattr(module, "direct", None)
-    if callable(direct):
-        return direct(epilogue)
+    """`module`'s forward without nn.Module.__call__ (no hooks are used here), followed by `epilogue`: "residual":
+    f(x, r) = r + module(x); "gelu": f(x) = gelu_tanh(module(x)). Fused into the kernel where the module offers it
+    (`Int8Linear.fused`), else composed from torch ops."""
+    fused = getattr(module, "fused", None)
+    call = fused(epilogue) if callable(fused) else None
+    if call is not None:
+        return call
     if epilogue == "residual":
         return lambda x, residual: residual + module.forward(x)
     if epilogue == "gelu":
@@ -257,7 +259,7 @@ class GPT2Runtime:
         self.n_ctx = int(model.config.n_positions)
         self.headroom = headroom
         # the projections after attention and the MLP add their skip connection, the MLP's first one its GELU, in the
-        # native kernel's output pass where the model has it (`Int8Linear.direct`), else with torch's ops
+        # native kernel's output pass where the model has it (`Int8Linear.fused`), else with torch's ops
         self.blocks = [(b.ln_1.weight, b.ln_1.bias, _direct(b.attn.c_attn), _direct(b.attn.c_proj, "residual"),
                         b.ln_2.weight, b.ln_2.bias, _direct(b.mlp.c_fc, "gelu"), _direct(b.mlp.c_proj, "residual"))
                        for b in t.h]

@@ -234,18 +234,14 @@ class Int8Linear(nn.Module):
             self.register_buffer("weight_int8", weight_int8)
             self.register_buffer("weight_scale", scale)
 
-    def direct(self, epilogue: str | None = None) -> Any:
-        """The forward function without nn.Module's call machinery (hooks, attribute lookups through `_buffers`):
-        `serving.gpt2_runtime` calls 97 projections per GPT-2-medium step, where those cost ~1 ms. It holds this
-        module's current buffers: build it after the module's last copy or move. `epilogue`: None -> f(x);
-        "residual" -> f(x, r) = r + self(x); "gelu" -> f(x) = gelu_tanh(self(x)); fused into the native kernel's
-        output (one pass over the output instead of a torch op each), composed from torch ops for other kernels."""
+    def fused(self, epilogue: str | None = None) -> Any:
+        """The native kernel's call without nn.Module's call machinery (hooks, attribute lookups through `_buffers`;
+        `serving.gpt2_runtime` calls 97 projections per GPT-2-medium step, where those cost ~1 ms), with `epilogue`
+        fused into its output pass: None -> f(x); "residual" -> f(x, r) = r + self(x); "gelu" -> f(x) =
+        gelu_tanh(self(x)). None for the other kernels (the caller composes torch ops). It holds this module's
+        current buffers: build it after the module's last copy or move."""
         if self.kernel != "native":
-            if epilogue == "residual":
-                return lambda x, residual: residual + self.forward(x)
-            if epilogue == "gelu":
-                return lambda x: nn.functional.gelu(self.forward(x), approximate="tanh")
-            return self.forward
+            return None
         kernel, k, n = self._native, self.in_features, self.out_features
         packed, scale, row_sum, bias = self.weight_packed, self.weight_scale, self.weight_sum, self.bias
         if epilogue == "residual":
@@ -282,7 +278,7 @@ def _native_linear(kernel: Any, x: torch.Tensor, k: int, n: int, packed: torch.T
                    row_sum: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
                    gelu: bool = False) -> torch.Tensor:
     """`Int8Linear` on the native kernel: x [..., k] (any float dtype) -> [..., n] fp32, plus `residual` [..., n]
-    or GELU fused into the output (see `Int8Linear.direct`)."""
+    or GELU fused into the output (see `Int8Linear.fused`)."""
     if x.dtype != torch.float32:
         x = x.float()
     rows = x.reshape(-1, k)

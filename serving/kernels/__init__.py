@@ -205,17 +205,13 @@ class HugePageArena:
         return out
 
 
-
 @dataclass(frozen=True, eq=False)
 class Int8Kernel:
     """The compiled int8 linear (serving/kernels/int8_linear.c). `isa` is "avx512-vnni" or "portable"; both builds
     give bitwise equal results."""
     lib: ctypes.CDLL
     isa: str
-
-    @property
-    def max_positions(self) -> int:
-        return int(self.lib.tm_max_positions())
+    max_positions: int   # the longest cache `attention` takes (its scores live on the C stack)
 
     def __deepcopy__(self, memo: dict) -> "Int8Kernel":   # a loaded library is shared, never copied
         return self
@@ -298,7 +294,7 @@ def int8_kernel(portable: bool = False) -> Int8Kernel:
     isa = "avx512-vnni" if lib.tm_isa() == 1 else "portable"
     if vnni and isa != "avx512-vnni":
         raise KernelBuildError("the compiler did not enable AVX-512 VNNI for int8_linear.c")
-    return Int8Kernel(lib, isa)
+    return Int8Kernel(lib, isa, int(lib.tm_max_positions()))
 
 
 @functools.cache

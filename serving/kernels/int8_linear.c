@@ -287,7 +287,6 @@ static void quantize_row(const float *x, int64_t k, int64_t kp, uint8_t *q, floa
     *zero_out = zero;
 }
 
-/* rows (<= TM_MR) x one 64-column block. */
 #ifdef TM_VNNI
 __m512 _ZGVeN16v_expf(__m512 x);   /* glibc's libmvec: expf on 16 lanes, the same < 4 ulp as scalar expf */
 
@@ -309,7 +308,8 @@ static inline float gelu1(float x) {
     return 0.5f * x * (1.0f + t);
 }
 
-/* The epilogue: y = scale * dot + bias, then + residual[row, col] (act 0, residual given) or GELU (act 1). */
+/* rows (<= TM_MR) x one 64-column block. The epilogue: y = scale * dot + bias, then + residual[row, col] (when
+ * given) and GELU (act 1). */
 static inline void tile(int rows, int64_t row0, const uint8_t *q, int64_t kp, const int8_t *wb, int64_t col0,
                         int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias, float *y,
                         const float *x_scale, const int32_t *x_zero, const float *residual, int act) {
@@ -543,5 +543,3 @@ int tm_attention(const float *q, int64_t q_row, int64_t q_head, int64_t q_tok, c
 }
 
 int64_t tm_max_positions(void) { return TM_MAX_POSITIONS; }
-
-int tm_pool_helpers(void) { return pool.pid == getpid() ? pool.helpers : 0; }
